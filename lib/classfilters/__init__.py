@@ -1,0 +1,24 @@
+"""classfilters: find the few penultimate features each class of a CNN relies on.
+
+Implements "Decomposing the Deep: Finding Class Specific Filters in Deep CNNs": Algorithm 1
+(influence.py), the decomposed final layer and the (k, k') grid (decomposed.py), the noise
+ablation (ablation.py), index-set overlap (overlap.py), on any classifier whose head is
+global pooling + one linear layer (models.py), with cached feature extraction (features.py)
+over digits, CIFAR-10 or ImageNet-style folders (data.py).
+"""
+__version__ = "0.1.0"
+
+from .ablation import noise_ablation
+from .data import DatasetError, ImageSplit, open_dataset
+from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
+from .features import extract_features
+from .influence import InfluentialFeatures, influential_features
+from .models import CifarResNet, FeatureModel, as_feature_model, build_model, load_cifar_resnet
+from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
+from .train import Recipe, finetune_head, train_classifier, trained_model
+
+__all__ = ["noise_ablation", "DatasetError", "ImageSplit", "open_dataset", "DecomposedHead", "accuracy",
+           "evaluate", "grid_accuracy", "extract_features", "InfluentialFeatures", "influential_features",
+           "CifarResNet", "FeatureModel", "as_feature_model", "build_model", "load_cifar_resnet",
+           "jaccard_matrix", "mean_pairwise", "mutual_information_matrix", "Recipe", "finetune_head",
+           "train_classifier", "trained_model"]

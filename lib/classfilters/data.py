@@ -1,0 +1,251 @@
+"""Datasets as uint8 image tensors with labels: digits, CIFAR-10, ImageNet-style folders.
+
+`open_dataset(spec, split)` understands
+  "digits"                 scikit-learn's bundled 8x8 handwritten digits (no download; 80/20 split)
+  "cifar10"                torchvision's CIFAR-10 under $CLASSFILTERS_DATA (downloaded when online)
+  "cifar10:<path>"         a local copy: torchvision's folder or archive, or a JPEG tree / archive
+                           laid out as <split>/<class>/*.jpg (e.g. ../shared/data/cifar10-jpeg.tar.gz)
+  "imagefolder:<path>"     an ImageNet-style tree <path>/<split>/<class>/*.JPEG, decoded lazily,
+                           resized to 256 and centre-cropped to 224
+and returns an `ImageSplit`. Small datasets are held in memory as one uint8 tensor
+(N, C, H, W); decoding a JPEG archive is done once and cached (see cache.py).
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from . import cache
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class DatasetError(RuntimeError):
+    """A dataset that is missing, corrupt or laid out in a way we cannot read."""
+
+
+@dataclass
+class ImageSplit:
+    """One split of a dataset: uint8 images in memory (or a lazy `dataset`), labels, classes.
+
+    fingerprint identifies the source, split and decoding: feature caches are keyed by it.
+    """
+    labels: torch.Tensor                  # int64 (N,)
+    classes: list[str]
+    name: str
+    fingerprint: str
+    images: torch.Tensor | None = None    # uint8 (N, C, H, W), when held in memory
+    dataset: Dataset | None = None        # yields (uint8 CHW tensor, label), when streamed
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> float, scaled to [0, 1] and standardised."""
+        mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
+        return (batch.float() / 255 - mean) / std
+
+    def subset(self, index: torch.Tensor) -> "ImageSplit":
+        """The images at `index` (in-memory splits only)."""
+        if self.images is None:
+            raise ValueError("subset() needs an in-memory split")
+        index = torch.as_tensor(index)
+        return ImageSplit(self.labels[index], self.classes, self.name,
+                          f"{self.fingerprint}[{cache.key_hash({'i': index.tolist()})}]",
+                          images=self.images[index], mean=self.mean, std=self.std, meta=self.meta)
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("CLASSFILTERS_DATA", Path.home() / ".cache" / "classfilters" / "data"))
+
+
+def open_dataset(spec: str, split: str = "train") -> ImageSplit:
+    if split not in ("train", "test", "val"):
+        raise ValueError(f"split must be 'train' or 'test' ('val' for image folders), got {split!r}")
+    kind, _, path = spec.partition(":")
+    if kind == "digits":
+        return load_digits(split)
+    if kind == "cifar10":
+        return load_cifar10(split, path or None)
+    if kind == "imagefolder":
+        if not path:
+            raise ValueError("imagefolder needs a path: imagefolder:/data/imagenet")
+        return load_image_folder(path, "val" if split == "test" else split)
+    raise ValueError(f"unknown dataset {spec!r}: use digits, cifar10, cifar10:<path> or imagefolder:<path>")
+
+
+# --------------------------------------------------------------------------------------
+
+
+def load_digits(split: str, test_fraction: float = 0.2, seed: int = 0) -> ImageSplit:
+    """scikit-learn's 1,797 8x8 digits (pixel values 0..16 scaled to 0..255), stratified split."""
+    import sklearn
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    images = torch.from_numpy((bunch.images * (255 / 16)).round()).to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target).long()
+    train_idx, test_idx = train_test_split(range(len(labels)), test_size=test_fraction,
+                                           random_state=seed, stratify=bunch.target)
+    index = torch.tensor(train_idx if split == "train" else test_idx)
+    train_pixels = images[torch.tensor(train_idx)].float() / 255
+    return ImageSplit(labels[index], [str(c) for c in range(10)], "digits",
+                      f"digits-sklearn{sklearn.__version__}-{split}-{test_fraction}-{seed}",
+                      images=images[index], mean=(train_pixels.mean().item(),), std=(train_pixels.std().item(),))
+
+
+def load_cifar10(split: str, source: str | None = None) -> ImageSplit:
+    """CIFAR-10 from torchvision (download when online) or from a local folder / archive."""
+    if source is None:
+        return _cifar10_torchvision(data_root(), split, download=True)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DatasetError(f"CIFAR-10 copy {path} does not exist. Pass 'cifar10' to download it with "
+                           "torchvision, or the path of a local copy (torchvision's folder or archive, "
+                           "or a <split>/<class>/*.jpg tree or .tar.gz)")
+    if path.is_dir():
+        if (path / "cifar-10-batches-py").is_dir() or (path / "data_batch_1").is_file():
+            root = path if (path / "cifar-10-batches-py").is_dir() else path.parent
+            return _cifar10_torchvision(root, split, download=False)
+        return _decoded_tree(path, split, "cifar10", cache.folder_digest(path, IMAGE_SUFFIXES))
+    if path.name.endswith("cifar-10-python.tar.gz"):
+        return _cifar10_torchvision(path.parent, split, download=False)
+    return _decoded_tree(path, split, "cifar10", cache.file_digest(path))
+
+
+def _cifar10_torchvision(root: Path, split: str, download: bool) -> ImageSplit:
+    from torchvision.datasets import CIFAR10
+    try:
+        ds = CIFAR10(str(root), train=(split == "train"), download=download)
+    except Exception as e:
+        raise DatasetError(f"CIFAR-10 could not be loaded from {root} ({e}). With internet, pass 'cifar10' "
+                           "and torchvision downloads it (set CLASSFILTERS_DATA to choose where); without, "
+                           "pass cifar10:<path> to a local copy.") from e
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return ImageSplit(torch.tensor(ds.targets), list(ds.classes), "cifar10",
+                      f"cifar10-torchvision-{split}", images=images)
+
+
+def _decoded_tree(path: Path, split: str, name: str, digest: str) -> ImageSplit:
+    """A <split>/<class>/<file> tree (folder or tar archive) decoded once and cached as uint8."""
+    key = {"source": digest, "split": split, "layout": "split/class/file"}
+    hit = cache.load("decoded", key)
+    if hit is None:
+        files = _read_tree(path, split)
+        classes = sorted(files)
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            if not files[cls]:
+                raise DatasetError(f"class '{cls}' has no images in {path} ({split}); the copy is incomplete")
+            images += [data for _, data in sorted(files[cls])]
+            labels += [label] * len(files[cls])
+        decoded = _decode_all(images, path)
+        hit = {"images": decoded, "labels": torch.tensor(labels),
+               "classes": torch.tensor(list("\n".join(classes).encode()), dtype=torch.uint8)}
+        cache.save("decoded", key, hit)
+    classes = bytes(hit["classes"].tolist()).decode().split("\n")
+    return ImageSplit(hit["labels"], classes, name, f"{name}-{digest[:16]}-{split}", images=hit["images"],
+                      meta={"source": str(path)})
+
+
+def _read_tree(path: Path, split: str) -> dict[str, list[tuple[str, bytes]]]:
+    files: dict[str, list[tuple[str, bytes]]] = {}
+    if path.is_dir():
+        split_dir = path / split
+        if not split_dir.is_dir():
+            raise DatasetError(f"{path} has no '{split}' folder; expected {path}/{split}/<class>/*.jpg")
+        for cls_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            files[cls_dir.name] = [(f.name, f.read_bytes()) for f in cls_dir.iterdir()
+                                   if f.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        try:
+            with tarfile.open(path) as tf:
+                for m in tf:
+                    parts = Path(m.name).parts
+                    parts = parts[parts.index(split):] if split in parts else ()
+                    if len(parts) == 2 and m.isdir():
+                        files.setdefault(parts[1], [])
+                    if len(parts) == 3 and m.isfile() and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
+                        files.setdefault(parts[1], []).append((parts[2], tf.extractfile(m).read()))
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DatasetError(f"{path} is not a readable archive ({type(e).__name__}: {e}); it may be "
+                               "truncated or corrupt: copy or download it again") from e
+    if not files:
+        raise DatasetError(f"no '{split}/<class>/<image>' files found in {path}")
+    return files
+
+
+def _decode_all(blobs: list[bytes], source: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+    out = []
+    for i, blob in enumerate(blobs):
+        try:
+            out.append(decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), ImageReadMode.RGB))
+        except Exception as e:
+            raise DatasetError(f"image {i} of {source} could not be decoded ({e}); the copy is corrupt") from e
+    shapes = {tuple(t.shape) for t in out}
+    if len(shapes) != 1:
+        raise DatasetError(f"images in {source} have different sizes {sorted(shapes)[:3]}; use imagefolder: for those")
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------
+
+
+class FolderImages(Dataset):
+    """Lazily decoded, resized and centre-cropped images of a <root>/<class>/<file> tree."""
+
+    def __init__(self, files: list[Path], labels: list[int], resize: int = 256, crop: int = 224):
+        self.files, self.labels, self.resize, self.crop = files, labels, resize, crop
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import center_crop, resize
+        try:
+            img = decode_image(str(self.files[i]), ImageReadMode.RGB)
+        except Exception as e:
+            raise DatasetError(f"{self.files[i]} could not be decoded ({e}); remove or replace it") from e
+        img = resize(img, [self.resize], antialias=True)
+        return center_crop(img, [self.crop, self.crop]), self.labels[i]
+
+
+def load_image_folder(root: str | Path, split: str = "val", resize: int = 256, crop: int = 224) -> ImageSplit:
+    root = Path(root).expanduser()
+    split_dir = root / split if (root / split).is_dir() else root
+    if not split_dir.is_dir():
+        raise DatasetError(f"image folder {root} does not exist; expected {root}/{split}/<class>/<images>")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<images>")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        found = sorted(f for f in (split_dir / cls).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DatasetError(f"class '{cls}' has no images in {split_dir / cls}")
+        files += found
+        labels += [label] * len(found)
+    digest = cache.folder_digest(split_dir, IMAGE_SUFFIXES)
+    return ImageSplit(torch.tensor(labels), classes, f"imagefolder-{root.name}",
+                      f"imagefolder-{digest[:16]}-{split}-{resize}-{crop}",
+                      dataset=FolderImages(files, labels, resize, crop), meta={"source": str(root)})

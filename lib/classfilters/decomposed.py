@@ -1,0 +1,119 @@
+"""The decomposed final layer: each class scored only on its own influential features.
+
+z_c(x) = sum_{j in I_c} W[c, j] phi_j(x) + b_c, prediction argmax_c z_c, decomposed softmax
+p_c = exp z_c / sum_c' exp z_c'. `DecomposedHead` is an `nn.Module` (masked weights that
+stay masked while fine-tuning; a compact gather path costing sum_c |I_c| multiply-adds).
+`grid_accuracy` evaluates the whole (k, k') grid from cached features in one pass per k:
+the features' ranks are computed once, histograms for every k come from one cumulative
+count, and the decomposed logits for every k' from one cumulative sum.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .influence import InfluentialFeatures, resolve_rank_by
+
+
+class DecomposedHead(nn.Module):
+    """A linear head restricted, class by class, to the index sets I_c."""
+
+    def __init__(self, head: nn.Linear, influence: InfluentialFeatures | torch.Tensor):
+        super().__init__()
+        mask = influence.mask if isinstance(influence, InfluentialFeatures) else influence.bool()
+        if mask.shape != head.weight.shape:
+            raise ValueError(f"index sets cover {tuple(mask.shape)} (classes, features) but the head is "
+                             f"{tuple(head.weight.shape)}: they were computed for another model")
+        self.register_buffer("mask", mask.to(head.weight.device))
+        self.weight = nn.Parameter(head.weight.detach().clone() * self.mask)
+        self.bias = nn.Parameter(head.bias.detach().clone() if head.bias is not None
+                                 else torch.zeros(head.out_features, device=head.weight.device))
+
+    @property
+    def multiply_adds(self) -> int:
+        return int(self.mask.sum())
+
+    def forward(self, phi: torch.Tensor) -> torch.Tensor:
+        return F.linear(phi, self.weight * self.mask, self.bias)
+
+    def forward_compact(self, phi: torch.Tensor) -> torch.Tensor:
+        """Same logits touching only the selected features: gather then a per-class dot product."""
+        sizes = self.mask.sum(1)
+        width = int(sizes.max())
+        order = torch.sort(self.mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
+        valid = torch.arange(width, device=phi.device)[None, :] < sizes[:, None]
+        w = torch.gather(self.weight, 1, order) * valid
+        return torch.einsum("nck,ck->nc", phi[:, order], w) + self.bias
+
+    def decomposed_softmax(self, phi: torch.Tensor) -> torch.Tensor:
+        return self(phi).softmax(-1)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Full and decomposed accuracy on (test) features, their ratio and the layers' costs."""
+    head = head.to(features.device)
+    full = accuracy(head(features), labels)
+    decomposed = accuracy(DecomposedHead(head, influence)(features), labels)
+    return {"acc_full": full, "acc_decomposed": decomposed,
+            "relative": decomposed / full if full else float("nan"),
+            "multiply_adds_full": head.in_features * head.out_features,
+            "multiply_adds_decomposed": influence.multiply_adds}
+
+
+def feature_ranks(features: torch.Tensor, rank_by: str = "auto") -> torch.Tensor:
+    """int (N, D): the position of each feature in its row's ranking (0 = largest; ties to lower index)."""
+    rank_by = resolve_rank_by(features, rank_by)
+    scores = features.abs() if rank_by == "magnitude" else features
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(features.shape[1], dtype=torch.int32).expand_as(order)
+    return torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)
+
+
+@torch.no_grad()
+def grid_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                  test_labels: torch.Tensor, head: nn.Linear, ks, k_primes, rank_by: str = "auto",
+                  chunk_elements: int = 1 << 25, progress: bool = False) -> torch.Tensor:
+    """Decomposed test accuracy for every (k, k') pair: float (len(ks), len(k_primes)).
+
+    Equals running Algorithm 1 and `evaluate` for each pair separately (integer k, k').
+    """
+    ks, k_primes = list(ks), list(k_primes)
+    n, d = train_features.shape
+    c = head.out_features
+    kmax = max(ks)
+    if min(ks) < 1 or kmax > d or min(k_primes) < 1 or max(k_primes) > d:
+        raise ValueError(f"k and k' must lie in [1, {d}]")
+    # counts[c, j, r] = #{i in class c : feature j has rank r in image i}, for r < kmax
+    rank_by = resolve_rank_by(train_features, rank_by)
+    counts = torch.zeros(c * d * kmax, dtype=torch.int64)
+    rows = max(1, chunk_elements // d)
+    for start in range(0, n, rows):
+        ranks = feature_ranks(train_features[start:start + rows], rank_by).long()
+        y = train_labels[start:start + rows].long()
+        keep = ranks < kmax
+        cls = y[:, None].expand_as(ranks)[keep]
+        j = torch.arange(d).expand_as(ranks)[keep]
+        counts += torch.bincount((cls * d + j) * kmax + ranks[keep], minlength=c * d * kmax)
+    cumulative = counts.view(c, d, kmax).cumsum(2)        # histograms for every k at once
+    weight, bias = head.weight.float().cpu(), head.bias.float().cpu()
+    kp_index = torch.tensor(k_primes) - 1
+    test_labels = test_labels.long()
+    result = torch.zeros(len(ks), len(k_primes))
+    test_rows = max(1, chunk_elements // (c * d))
+    for a, k in enumerate(tqdm(ks, desc="(k, k') grid", disable=not progress)):
+        order = torch.sort(cumulative[:, :, k - 1], dim=1, descending=True, stable=True).indices  # (C, D)
+        w_sorted = torch.gather(weight, 1, order)
+        correct = torch.zeros(len(k_primes))
+        for start in range(0, len(test_features), test_rows):
+            phi = test_features[start:start + test_rows]
+            z = (phi[:, order] * w_sorted).cumsum(2)[:, :, kp_index] + bias[None, :, None]  # (N, C, K')
+            correct += (z.argmax(1) == test_labels[start:start + test_rows, None]).sum(0)
+        result[a] = correct / len(test_features)
+    return result

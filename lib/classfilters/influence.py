@@ -1,0 +1,170 @@
+"""Algorithm 1: the influential penultimate features of every class, vectorised.
+
+For each training image i, S_i = the k largest components of phi(x_i) (by magnitude when
+features can be negative); H_c[j] counts the images of class c with j in S_i; I_c = the
+k' most frequent indices of H_c. Ties are broken toward the lower index at both steps.
+k and k' can also be fractions in (0, 1): the fewest components covering that fraction of
+an instance's activation mass (k), or of a class histogram's mass (k').
+
+No Python loop runs over images or classes: one `topk` per chunk of rows, a fix-up only
+for rows whose ties straddle the k-th value, and one `bincount` per chunk.
+`reference.py` holds the plain loop this must equal.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .features import check_features
+
+Size = int | float  # an int count, or a float fraction of mass in (0, 1]
+
+
+@dataclass
+class InfluentialFeatures:
+    """The result of Algorithm 1: per-class index sets, their histograms and how they were made."""
+    indices: list[list[int]]          # I_c, most frequent first
+    histograms: torch.Tensor          # int64 (C, D): H_c[j]
+    k: Size
+    k_prime: Size
+    rank_by: str = "value"            # "value" or "magnitude"
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.histograms.shape[0]
+
+    @property
+    def num_features(self) -> int:
+        return self.histograms.shape[1]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """bool (C, D): mask[c, j] is True when j is in I_c."""
+        m = torch.zeros(self.num_classes, self.num_features, dtype=torch.bool)
+        for c, idx in enumerate(self.indices):
+            m[c, idx] = True
+        return m
+
+    @property
+    def multiply_adds(self) -> int:
+        """Cost of the decomposed final layer: sum over classes of |I_c| (full layer: C * D)."""
+        return sum(len(i) for i in self.indices)
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "k_prime": self.k_prime, "rank_by": self.rank_by,
+                "num_classes": self.num_classes, "num_features": self.num_features,
+                "indices": self.indices, "histograms": self.histograms.tolist(), "provenance": self.provenance}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InfluentialFeatures":
+        return cls([list(map(int, i)) for i in d["indices"]], torch.tensor(d["histograms"], dtype=torch.int64),
+                   d["k"], d["k_prime"], d.get("rank_by", "value"), d.get("provenance", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "InfluentialFeatures":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def check_size(value: Size, limit: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an int count or a float fraction, got {value!r}")
+    if isinstance(value, int) and not 1 <= value <= limit:
+        raise ValueError(f"{name}={value} is out of range: it must be between 1 and D={limit} "
+                         f"(or a fraction of mass in (0, 1], e.g. 0.9)")
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ValueError(f"{name}={value} is out of range: a fraction of mass must lie in (0, 1]")
+
+
+def resolve_rank_by(features: torch.Tensor, rank_by: str = "auto") -> str:
+    """"value" for non-negative features (ReLU + pooling), "magnitude" when any is negative."""
+    if rank_by == "auto":
+        return "magnitude" if bool((features < 0).any()) else "value"
+    if rank_by not in ("value", "magnitude"):
+        raise ValueError(f"rank_by must be 'auto', 'value' or 'magnitude', got {rank_by!r}")
+    return rank_by
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) indices of each row's k largest entries; ties at the k-th value go to lower indices."""
+    values, idx = torch.topk(scores, k, dim=1)
+    threshold = values[:, -1:]
+    straddle = (scores == threshold).sum(1) > (values == threshold).sum(1)
+    if straddle.any():  # a tie crosses the cut: choose the tied entries by index
+        rows = scores[straddle]
+        t = threshold[straddle]
+        above = rows > t
+        tied = rows == t
+        room = k - above.sum(1, keepdim=True)
+        chosen = above | (tied & (tied.cumsum(1) <= room))
+        idx[straddle] = chosen.nonzero()[:, 1].view(-1, k)
+    return idx
+
+
+def mass_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """bool (N, D): the fewest top entries of each row whose sum reaches `fraction` of the row's sum."""
+    values, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    cum = values.cumsum(1)
+    count = (cum < fraction * cum[:, -1:]).sum(1, keepdim=True) + 1
+    count = torch.where(cum[:, -1:] > 0, count, torch.zeros_like(count))
+    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, ranks < count)
+
+
+def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: int, k: Size,
+                     rank_by: str = "auto", chunk_size: int = 65536) -> tuple[torch.Tensor, str]:
+    """H (C, D) int64: how often each index is among an image's top k, per class."""
+    n, d = features.shape
+    rank_by = resolve_rank_by(features, rank_by)
+    counts = torch.zeros(num_classes * d, dtype=torch.int64, device=features.device)
+    for start in range(0, n, chunk_size):
+        scores = features[start:start + chunk_size]
+        scores = scores.abs() if rank_by == "magnitude" else scores
+        y = labels[start:start + chunk_size].to(features.device)
+        if isinstance(k, int):
+            flat = (y[:, None] * d + topk_indices(scores, k)).flatten()
+        else:
+            rows, cols = mass_mask(scores, k).nonzero(as_tuple=True)
+            flat = y[rows] * d + cols
+        counts += torch.bincount(flat, minlength=num_classes * d)
+    return counts.view(num_classes, d), rank_by
+
+
+def select_indices(histograms: torch.Tensor, k_prime: Size) -> list[list[int]]:
+    """I_c: the k' most frequent indices of each row (lower index first among equal counts)."""
+    counts, order = torch.sort(histograms, dim=1, descending=True, stable=True)
+    if isinstance(k_prime, int):
+        return order[:, :k_prime].tolist()
+    cum = counts.cumsum(1).double()
+    sizes = ((cum < k_prime * cum[:, -1:]).sum(1) + 1).clamp(max=histograms.shape[1]).tolist()
+    return [row[:s] for row, s in zip(order.tolist(), sizes)]
+
+
+def influential_features(features: torch.Tensor, labels: torch.Tensor, k: Size = 5, k_prime: Size = 5,
+                         num_classes: int | None = None, rank_by: str = "auto",
+                         provenance: dict | None = None) -> InfluentialFeatures:
+    """Algorithm 1 on training features (N, D) with labels (N,)."""
+    check_features(features, "training features")
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != (features.shape[0],):
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but there are {features.shape[0]} feature rows")
+    num_classes = num_classes or int(labels.max()) + 1
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}); found {int(labels.min())}..{int(labels.max())}")
+    present = torch.bincount(labels, minlength=num_classes)
+    if (present == 0).any():
+        missing = (present == 0).nonzero().flatten().tolist()
+        raise ValueError(f"classes {missing} have no training images: every class needs at least one "
+                         "to find its features (check the split, or pass num_classes)")
+    d = features.shape[1]
+    check_size(k, d, "k")
+    check_size(k_prime, d, "k'")
+    histograms, rank_by = class_histograms(features, labels, num_classes, k, rank_by)
+    info = {"num_train": int(features.shape[0]), **(provenance or {})}
+    return InfluentialFeatures(select_indices(histograms.cpu(), k_prime), histograms.cpu(), k, k_prime, rank_by, info)

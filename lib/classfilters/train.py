@@ -1,0 +1,127 @@
+"""Training on in-memory uint8 splits: CIFAR ResNets from scratch, and the decomposed head.
+
+`train_classifier` runs SGD + Nesterov with a one-cycle schedule over whole uint8 batches
+held on the device, with random-crop (and optionally flip) augmentation done on the batch
+(no DataLoader). `trained_model` caches the result under a key of the model name, the
+split's fingerprint, the recipe and the seed, so profiles never train the same model
+twice. `finetune_head` retrains a `DecomposedHead` from cached features (Adam, lr 1e-4,
+as the authors), recording accuracy after every epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import cache
+from .data import ImageSplit
+from .decomposed import DecomposedHead, accuracy
+from .features import default_device
+from .models import FeatureModel, build_model
+
+
+@dataclass
+class Recipe:
+    epochs: int = 30            # passes over the training split
+    batch_size: int = 128       # images per step
+    lr: float = 0.1             # peak learning rate of the one-cycle schedule
+    weight_decay: float = 5e-4  # L2 on all weights
+    crop_padding: int | None = None  # random-crop padding in pixels (None: an eighth of the width; 0: none)
+    flip: bool = True           # random horizontal flips (off for digits)
+    label_smoothing: float = 0.0
+
+
+def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crops (zero padding) and flips of a whole uint8 batch, one draw per image."""
+    n, _, h, w = images.shape
+    if padding:
+        padded = F.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(images.device)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(images.device)
+        rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        images = padded[torch.arange(n, device=images.device)[:, None, None, None],
+                        torch.arange(images.shape[1], device=images.device)[None, :, None, None], rows, cols]
+    if flip:
+        flips = (torch.rand(n, generator=gen) < 0.5).to(images.device)
+        images = torch.where(flips[:, None, None, None], images.flip(3), images)
+    return images
+
+
+def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe = Recipe(), device=None,
+                     seed: int = 0, progress: bool = True) -> nn.Module:
+    if split.images is None:
+        raise ValueError("train_classifier needs an in-memory split (digits, CIFAR-10)")
+    device = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    images, labels = split.images.to(device), split.labels.to(device)
+    steps_per_epoch = -(-len(split) // recipe.batch_size)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True,
+                          weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.epochs * steps_per_epoch,
+                                                pct_start=0.25)
+    bf16 = device.type == "cuda"
+    padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8
+    for _ in tqdm(range(recipe.epochs), desc=f"train {getattr(model, 'name', type(model).__name__)}",
+                  disable=not progress, unit="epoch"):
+        perm = torch.randperm(len(split), generator=gen).to(device)
+        for start in range(0, len(split), recipe.batch_size):
+            idx = perm[start:start + recipe.batch_size]
+            x = split.normalize(augment(images[idx], padding, recipe.flip, gen))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x), labels[idx], label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def trained_model(name: str, split: ImageSplit, recipe: Recipe = Recipe(), seed: int = 0, device=None,
+                  progress: bool = True) -> FeatureModel:
+    """`build_model(name)` trained on `split` with `recipe`, from the cache when done before."""
+    in_channels = split.images.shape[1]
+    model = build_model(name, num_classes=split.num_classes, in_channels=in_channels)
+    key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed,
+           "in_channels": in_channels, "classes": split.num_classes}
+    if (state := cache.load("models", key)) is not None:
+        model.load_state_dict(state)
+        return model.eval()
+    train_classifier(model, split, recipe, device, seed, progress)
+    cache.save("models", key, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})  # clone: head and body share the linear layer
+    return model.cpu().eval()
+
+
+def finetune_head(head: DecomposedHead, features: torch.Tensor, labels: torch.Tensor, epochs: int = 1,
+                  lr: float = 1e-4, batch_size: int = 128, seed: int = 0, eval_features=None,
+                  eval_labels=None) -> list[dict]:
+    """Adam on the decomposed head alone (the mask stays applied); accuracy after each epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    labels = labels.long()
+    history = []
+
+    def record(epoch):
+        row = {"epoch": epoch, "train_acc": accuracy(head(features), labels)}
+        if eval_features is not None:
+            row["test_acc"] = accuracy(head(eval_features), eval_labels)
+        history.append(row)
+
+    with torch.no_grad():
+        record(0)
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(len(labels), generator=gen)
+        for start in range(0, len(labels), batch_size):
+            idx = perm[start:start + batch_size]
+            loss = F.cross_entropy(head(features[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            record(epoch)
+    return history

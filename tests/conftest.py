@@ -1,0 +1,49 @@
+"""Shared fixtures: a per-session cache folder, the shared data location, small planted data."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CLASSFILTERS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache(tmp_path_factory):
+    """Every test run starts from an empty cache, so nothing depends on what an earlier run left."""
+    old = os.environ.get("CLASSFILTERS_CACHE")
+    os.environ["CLASSFILTERS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("CLASSFILTERS_CACHE", None)
+    else:
+        os.environ["CLASSFILTERS_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (or $CLASSFILTERS_SHARED_DATA): skipped where absent, required in CI."""
+    if not (SHARED_DATA / "weights").is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the shared data folder {SHARED_DATA} is missing")
+        pytest.skip(f"needs the shared data folder {SHARED_DATA} (set CLASSFILTERS_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def planted(n_per_class=40, num_classes=6, d=32, seed=0, strength=4.0):
+    """Non-negative features where class c has feature 3c (and weaker 3c+1) switched on."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    features = torch.rand(len(labels), d, generator=gen)
+    features[torch.arange(len(labels)), 3 * labels] += strength
+    features[torch.arange(len(labels)), 3 * labels + 1] += strength / 2
+    return features, labels
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    """A ResNet-8 trained briefly on the digits' train split (cached for the session)."""
+    from classfilters import Recipe, open_dataset, trained_model
+    train = open_dataset("digits", "train")
+    return trained_model("resnet8", train, Recipe(epochs=4, batch_size=64, lr=0.05, flip=False), progress=False)

@@ -1,0 +1,78 @@
+"""The decomposed head: equals the full head with every index, the grid equals pair-by-pair."""
+import pytest
+import torch
+from torch import nn
+
+from classfilters import DecomposedHead, evaluate, finetune_head, grid_accuracy, influential_features
+from conftest import planted
+
+
+def random_head(d, c, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d, c)
+
+
+def test_all_indices_equal_the_full_head():
+    features, labels = planted()
+    head = random_head(32, 6)
+    full = influential_features(features, labels, 5, 32)
+    decomposed = DecomposedHead(head, full)
+    assert torch.equal(decomposed(features), head(features))
+    assert torch.allclose(decomposed.decomposed_softmax(features), head(features).softmax(-1))
+    assert decomposed.multiply_adds == 32 * 6
+
+
+def test_compact_path_equals_masked_path_and_costs_sum_of_set_sizes():
+    features, labels = planted()
+    influence = influential_features(features, labels, 0.5, 0.6)
+    head = DecomposedHead(random_head(32, 6), influence)
+    assert torch.allclose(head.forward_compact(features), head(features), atol=1e-5)
+    assert head.multiply_adds == sum(len(i) for i in influence.indices) < 32 * 6
+
+
+def test_decomposed_logit_uses_only_its_class_set():
+    features, labels = planted()
+    influence = influential_features(features, labels, 2, 2)
+    head = DecomposedHead(random_head(32, 6), influence)
+    bumped = features.clone()
+    bumped[:, 3 * 2] += 10.0  # feature 6 belongs to class 2 only
+    delta = head(bumped) - head(features)
+    assert delta[:, 2].abs().min() > 0
+    assert torch.equal(delta[:, [0, 1, 3, 4, 5]], torch.zeros(len(features), 5))
+
+
+def test_grid_equals_evaluating_each_pair():
+    gen = torch.Generator().manual_seed(0)
+    train, train_y = planted(n_per_class=60, seed=1, strength=1.0)
+    test, test_y = planted(n_per_class=30, seed=2, strength=1.0)
+    train = train + torch.rand(train.shape, generator=gen)
+    head = random_head(32, 6, seed=3)
+    head.weight.data[torch.arange(6), 3 * torch.arange(6)] += 2.0
+    ks, kps = [1, 2, 4, 8, 32], [1, 3, 5, 32]
+    grid = grid_accuracy(train, train_y, test, test_y, head, ks, kps, chunk_elements=5000)
+    for a, k in enumerate(ks):
+        for b, kp in enumerate(kps):
+            expected = evaluate(head, influential_features(train, train_y, k, kp), test, test_y)["acc_decomposed"]
+            assert grid[a, b].item() == pytest.approx(expected, abs=1e-6), (k, kp)
+    full = evaluate(head, influential_features(train, train_y, 1, 32), test, test_y)["acc_full"]
+    assert torch.allclose(grid[:, -1], torch.full((len(ks),), full))
+
+
+def test_mismatched_index_sets_are_refused():
+    features, labels = planted()
+    with pytest.raises(ValueError, match="computed for another model"):
+        DecomposedHead(nn.Linear(64, 6), influential_features(features, labels, 2, 2))
+
+
+def test_finetuning_keeps_the_decomposition_and_recovers_accuracy():
+    features, labels = planted(strength=1.0)
+    head = random_head(32, 6, seed=1)
+    influence = influential_features(features, labels, 3, 3)
+    decomposed = DecomposedHead(head, influence)
+    history = finetune_head(decomposed, features, labels, epochs=30, lr=1e-2)
+    assert history[-1]["train_acc"] > max(history[0]["train_acc"], 0.9)
+    outside = ~decomposed.mask[0]  # after training, class 0's logit still ignores features outside I_0
+    bumped = features.clone()
+    bumped[:, outside] += 5.0
+    with torch.no_grad():
+        assert torch.equal(decomposed(bumped)[:, 0], decomposed(features)[:, 0])

@@ -1,0 +1,78 @@
+"""Feature extraction: independent of batch size, cached without staleness, resumable."""
+import pytest
+import torch
+
+from classfilters import extract_features, influential_features, open_dataset
+from classfilters.data import ImageSplit
+from classfilters.features import check_features
+
+
+def test_results_do_not_depend_on_batch_size(digits_model):
+    test = open_dataset("digits", "test")
+    a = extract_features(digits_model, test, batch_size=7, use_cache=False, progress=False)
+    b = extract_features(digits_model, test, batch_size=360, use_cache=False, progress=False)
+    assert torch.allclose(a, b, atol=1e-5)
+    ia, ib = influential_features(a, test.labels, 5, 5), influential_features(b, test.labels, 5, 5)
+    assert ia.indices == ib.indices
+
+
+def test_cache_is_reused_and_never_stale(digits_model):
+    test = open_dataset("digits", "test")
+    calls = []
+    hook = digits_model.body.register_forward_hook(lambda *a: calls.append(1))
+    first = extract_features(digits_model, test, progress=False)
+    n_calls = len(calls)
+    assert n_calls > 0
+    assert torch.equal(extract_features(digits_model, test, progress=False), first)
+    assert len(calls) == n_calls  # served from the cache
+    with torch.no_grad():
+        digits_model.body.model.layer3[0].conv2.weight.mul_(1.5)
+    try:
+        changed = extract_features(digits_model, test, progress=False)
+        assert len(calls) > n_calls and not torch.allclose(changed, first)
+    finally:
+        with torch.no_grad():
+            digits_model.body.model.layer3[0].conv2.weight.div_(1.5)
+        hook.remove()
+
+
+class Exploding(torch.utils.data.Dataset):
+    """Images of a digits split that raise once `fail_at` is reached (an interrupted run)."""
+
+    def __init__(self, split, fail_at=None):
+        self.split, self.fail_at, self.seen = split, fail_at, []
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        self.seen.append(i)
+        if self.fail_at is not None and i >= self.fail_at:
+            raise KeyboardInterrupt("simulated interruption")
+        return self.split.images[i], int(self.split.labels[i])
+
+
+def test_interrupted_extraction_resumes(digits_model, monkeypatch):
+    test = open_dataset("digits", "test")
+    direct = extract_features(digits_model, test, use_cache=False, progress=False)
+    streamed = ImageSplit(test.labels, test.classes, "streamed-digits", "streamed-digits-fp",
+                          dataset=Exploding(test, fail_at=200), mean=test.mean, std=test.std)
+    import classfilters.features as features
+    monkeypatch.setattr(features, "batches", _serial_batches)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(digits_model, streamed, batch_size=50, checkpoint_every=100, progress=False)
+    streamed.dataset.fail_at, streamed.dataset.seen = None, []
+    resumed = extract_features(digits_model, streamed, batch_size=50, checkpoint_every=100, progress=False)
+    assert min(streamed.dataset.seen) == 200  # the first 200 images came from the saved parts
+    assert torch.allclose(resumed, direct, atol=1e-5)
+
+
+def _serial_batches(split, batch_size, start=0, num_workers=0):
+    for i in range(start, len(split), batch_size):
+        items = [split.dataset[j] for j in range(i, min(i + batch_size, len(split)))]
+        yield torch.stack([x for x, _ in items])
+
+
+def test_nan_features_are_reported():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_features(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))

@@ -1,0 +1,95 @@
+"""Algorithm 1: planted features are found, the vectorised version equals the plain loop."""
+import pytest
+import torch
+
+from classfilters import InfluentialFeatures, influential_features
+from classfilters.influence import class_histograms, mass_mask, topk_indices
+from classfilters.reference import influential_features_loop
+from conftest import planted
+
+
+def test_planted_class_specific_feature_is_recovered():
+    features, labels = planted()
+    result = influential_features(features, labels, k=2, k_prime=2)
+    for c, idx in enumerate(result.indices):
+        assert idx == [3 * c, 3 * c + 1]
+    assert result.histograms[0, 0] == 40  # every image of class 0 has feature 0 in its top 2
+
+
+@pytest.mark.parametrize("seed,k,kp", [(0, 5, 5), (1, 1, 3), (2, 12, 7), (3, 32, 32), (4, 20, 1)])
+def test_vectorised_equals_reference_loop(seed, k, kp):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 7, (500,), generator=gen)
+    labels[:7] = torch.arange(7)
+    # ReLU features: many exact zeros, so ties at the k-th value are common and must be broken alike
+    features = torch.relu(torch.randn(500, 32, generator=gen) + 0.3 * labels[:, None] % 3 - 0.5)
+    ours = influential_features(features, labels, k, kp).indices
+    assert ours == influential_features_loop(features.numpy(), labels.numpy(), k, kp, 7)
+
+
+def test_negative_features_are_ranked_by_magnitude():
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(300, 16, generator=gen)
+    labels = torch.randint(0, 4, (300,), generator=gen)
+    result = influential_features(features, labels, 4, 4)
+    assert result.rank_by == "magnitude"
+    assert result.indices == influential_features_loop(features.numpy(), labels.numpy(), 4, 4, 4)
+    features[:, 0] = -100.0  # hugely negative: the largest magnitude everywhere
+    assert all(idx[0] == 0 for idx in influential_features(features, labels, 1, 1).indices)
+
+
+def test_ties_go_to_the_lower_index():
+    scores = torch.zeros(3, 10)
+    scores[1, 7] = 1.0
+    assert topk_indices(scores, 3).sort(1).values.tolist() == [[0, 1, 2], [0, 1, 7], [0, 1, 2]]
+    hist = torch.tensor([[2, 5, 5, 0, 5]])
+    from classfilters.influence import select_indices
+    assert select_indices(hist, 3) == [[1, 2, 4]]
+
+
+def test_chunking_does_not_change_histograms():
+    features, labels = planted(seed=3)
+    a, _ = class_histograms(features, labels, 6, 5, chunk_size=7)
+    b, _ = class_histograms(features, labels, 6, 5)
+    assert torch.equal(a, b)
+
+
+def test_fractions_of_mass():
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # row 0 covers 70 % of its mass (10) with 4 + 3; row 1 has no mass; row 2 needs 3 of 4 equal parts
+    assert mass_mask(scores, 0.7).tolist() == [[True, True, False, False], [False] * 4, [True, True, True, False]]
+    features, labels = planted()
+    small = influential_features(features, labels, 0.3, 0.5)
+    large = influential_features(features, labels, 0.9, 0.95)
+    assert all(len(a) <= len(b) for a, b in zip(small.indices, large.indices))
+    assert all(idx[0] == 3 * c for c, idx in enumerate(small.indices))
+
+
+def test_json_round_trip(tmp_path):
+    features, labels = planted()
+    result = influential_features(features, labels, 3, 0.8, provenance={"model": "planted"})
+    result.save(tmp_path / "r.json")
+    back = InfluentialFeatures.load(tmp_path / "r.json")
+    assert back.indices == result.indices and torch.equal(back.histograms, result.histograms)
+    assert (back.k, back.k_prime, back.provenance["model"]) == (3, 0.8, "planted")
+    assert torch.equal(back.mask, result.mask) and back.multiply_adds == result.multiply_adds
+
+
+@pytest.mark.parametrize("k,kp,message", [(0, 5, "k=0 is out of range"), (33, 5, "between 1 and D=32"),
+                                          (5, 40, "k'=40 is out of range"), (1.5, 5, "fraction"),
+                                          (5, 0.0, "fraction"), ("5", 5, "int count")])
+def test_k_out_of_range(k, kp, message):
+    features, labels = planted()
+    with pytest.raises((ValueError, TypeError), match=message):
+        influential_features(features, labels, k, kp)
+
+
+def test_class_without_images_and_nan_features():
+    features, labels = planted()
+    with pytest.raises(ValueError, match=r"classes \[6\] have no training images"):
+        influential_features(features, labels, 3, 3, num_classes=7)
+    features[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        influential_features(features, labels, 3, 3)
+    with pytest.raises(ValueError, match="labels have shape"):
+        influential_features(features[10:], labels, 3, 3)
