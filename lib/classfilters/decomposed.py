@@ -109,11 +109,13 @@ def grid_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test
     test_rows = max(1, chunk_elements // (c * d))
     for a, k in enumerate(tqdm(ks, desc="(k, k') grid", disable=not progress)):
         order = torch.sort(cumulative[:, :, k - 1], dim=1, descending=True, stable=True).indices  # (C, D)
-        w_sorted = torch.gather(weight, 1, order)
+        order_t = order.T.contiguous()                       # (D, C): t-th feature of each class
+        w_t = torch.gather(weight, 1, order).T.contiguous()
         correct = torch.zeros(len(k_primes))
         for start in range(0, len(test_features), test_rows):
             phi = test_features[start:start + test_rows]
-            z = (phi[:, order] * w_sorted).cumsum(2)[:, :, kp_index] + bias[None, :, None]  # (N, C, K')
-            correct += (z.argmax(1) == test_labels[start:start + test_rows, None]).sum(0)
+            # z[n, t, c]: class c's logit from its t+1 most frequent features (classes last: fast argmax)
+            z = (phi[:, order_t] * w_t).cumsum(1)[:, kp_index] + bias
+            correct += (z.argmax(2) == test_labels[start:start + test_rows, None]).sum(0)
         result[a] = correct / len(test_features)
     return result

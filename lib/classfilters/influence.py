@@ -6,8 +6,9 @@ k' most frequent indices of H_c. Ties are broken toward the lower index at both 
 k and k' can also be fractions in (0, 1): the fewest components covering that fraction of
 an instance's activation mass (k), or of a class histogram's mass (k').
 
-No Python loop runs over images or classes: one `topk` per chunk of rows, a fix-up only
-for rows whose ties straddle the k-th value, and one `bincount` per chunk.
+No Python loop runs over images or classes: per chunk of rows, one top-k (a numba kernel on
+the CPU, see topk_cpu.py; `torch.topk` plus a fix-up of rows whose ties straddle the k-th
+value elsewhere) and one `bincount`.
 `reference.py` holds the plain loop this must equal.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .features import check_features
+from .topk_cpu import topk_indices_cpu
 
 Size = int | float  # an int count, or a float fraction of mass in (0, 1]
 
@@ -85,7 +87,7 @@ def check_size(value: Size, limit: int, name: str) -> None:
 def resolve_rank_by(features: torch.Tensor, rank_by: str = "auto") -> str:
     """"value" for non-negative features (ReLU + pooling), "magnitude" when any is negative."""
     if rank_by == "auto":
-        return "magnitude" if bool((features < 0).any()) else "value"
+        return "magnitude" if features.numel() and features.min() < 0 else "value"
     if rank_by not in ("value", "magnitude"):
         raise ValueError(f"rank_by must be 'auto', 'value' or 'magnitude', got {rank_by!r}")
     return rank_by
@@ -128,7 +130,8 @@ def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: 
         scores = scores.abs() if rank_by == "magnitude" else scores
         y = labels[start:start + chunk_size].to(features.device)
         if isinstance(k, int):
-            flat = (y[:, None] * d + topk_indices(scores, k)).flatten()
+            top = topk_indices_cpu(scores, k) if scores.device.type == "cpu" else topk_indices(scores, k)
+            flat = (y[:, None] * d + top).flatten()
         else:
             rows, cols = mass_mask(scores, k).nonzero(as_tuple=True)
             flat = y[rows] * d + cols
