@@ -1,12 +1,21 @@
 # The two commands of the README: `make demo` (the main job) and `make test`. Both install first.
 PYTHON ?= python3
 
-.PHONY: install demo test bench
+# `make demo PROFILE=cifar10` runs another profile (profiles/*.yaml)
+PROFILE ?= demo
+
+.PHONY: install demo lab test bench
 install:
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
+# every notebook in order for $(PROFILE): tables and figures in figures/$(PROFILE)/, executed notebooks in runs/
 demo: install
-	$(PYTHON) -m classfilters --model resnet20 --dataset digits --train-epochs 30 --k 5 --k-prime 5 --out out/digits-resnet20.json
+	$(PYTHON) -m classfilters.runner --profile $(PROFILE)
+
+# JupyterLab on the notebooks, with the k / k' widget panel working
+lab:
+	$(PYTHON) -m pip install -q -e ".[notebooks]"
+	$(PYTHON) -m jupyter lab notebooks/
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -4,8 +4,8 @@ For each chosen image of true class y, from `FeatureModel.forward_maps` (N, D, h
   standard         the mean of all D channel maps (what the whole layer sees),
   non-influential  the mean over |I_y| channels drawn outside I_y (the ablation's sets),
   influential      the mean over the channels of I_y,
-each bilinearly upsampled to the image size and scaled to [0, 1] per image. One batched
-forward pass; a handful of images takes well under a second on a CPU.
+each bilinearly upsampled to the image size and scaled to [0, 1] map by map (their raw means
+are returned too). One batched forward pass; a handful of images takes well under a second on a CPU.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def class_maps(model: FeatureModel, split: ImageSplit, images: torch.Tensor, lab
                          for m in chosen], 1)                     # (N, 3, h, w)
     raw = stack.mean((2, 3))
     up = F.interpolate(stack, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    low, high = up.amin((1, 2, 3), keepdim=True), up.amax((1, 2, 3), keepdim=True)
+    low, high = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
     return (up - low) / (high - low).clamp(min=1e-8), raw
 
 

@@ -1,0 +1,185 @@
+"""The paper notebooks run end to end under papermill on the smallest settings, and their tables say what the paper says.
+
+One run of all seven notebooks on a test-sized demo profile (digits, two small ResNets,
+few epochs), one run of the ImageNet profile on a tiny fake image folder with random
+weights, the runner's stop / resume behaviour, and a check that the committed notebooks
+carry no outputs and a `parameters` cell. About two minutes on two CPU cores.
+"""
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from classfilters import runner
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+TINY = {"name": "tiny", "dataset": "digits", "model": "resnet8", "models": ["resnet8", "resnet14"],
+        "train": {"epochs": 3, "batch_size": 64, "lr": 0.05, "flip": False},
+        "grid_k": [1, 2, 4, 8, 16, 32, 64], "depth_k": 5, "k": 5, "k_prime": 5,
+        "finetune_epochs": 2, "finetune_lr": 0.001, "vis_images": 3, "csg_epochs": 2}
+
+
+def execute(tmp_path, profile, overrides, only=None):
+    log = []
+    status = runner.run(profile, only=only, overrides=overrides, figures_dir=tmp_path / "figures",
+                        runs_dir=tmp_path / "runs", log=log.append)
+    assert status == 0, "\n".join(log)
+    return tmp_path / "figures"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return execute(tmp_path_factory.mktemp("tiny"), "demo", TINY)
+
+
+def table(folder, name):
+    assert (folder / f"{name}.md").is_file(), f"{name}.md missing"
+    return pd.read_csv(folder / f"{name}.csv")
+
+
+def test_committed_notebooks_are_clean():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert "parameters" in code[0].metadata.get("tags", []), f"{path.name}: first code cell not tagged parameters"
+        for cell in code:
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs: strip them"
+
+
+def test_every_output_and_provenance(tiny):
+    for name in ("fig2_histogram", "fig2_histograms_all_classes", "overlap_matrix", "fig3_heatmap", "fig4_depth_study",
+                 "retrain_accuracy", "table7_maps", "table8_ablation", "csg_gates_and_mi"):
+        assert (tiny / f"{name}.png").stat().st_size > 1000 and (tiny / f"{name}.pdf").is_file(), name
+    prov = json.loads((tiny / "provenance.json").read_text())
+    assert [n for n, e in prov["notebooks"].items() if e["status"] == "ok"] == [p.stem for p in NOTEBOOKS]
+    assert all(e["seconds"] > 0 for e in prov["notebooks"].values())
+    assert prov["libraries"]["torch"] == torch.__version__ and prov["device"] and len(prov["git_commit"]) >= 7
+    assert prov["profile_values"]["model"] == "resnet8"
+
+
+def test_influence_tables(tiny):
+    hist = table(tiny, "fig2_histogram")
+    assert len(hist) == 64 and hist["count"].sum() == 5 * (hist["count"].sum() // 5)
+    assert hist[hist.selected]["count"].min() >= hist[~hist.selected]["count"].max()  # I_c = most frequent
+    sets = table(tiny, "table_index_sets")
+    assert len(sets) == 10 and (sets["size"] == 5).all() and sets.mass_covered.between(0, 1).all()
+    jaccard = pd.read_csv(tiny / "overlap_jaccard.csv", index_col=0).to_numpy()
+    assert np.allclose(np.diag(jaccard), 1) and np.allclose(jaccard, jaccard.T) and (jaccard >= 0).all()
+
+
+def test_k_sweep_relations(tiny):
+    grid = table(tiny, "fig3_grid")
+    assert len(grid) == 7 * 7 and grid.acc_decomposed.between(0, 1).all()
+    diagonal = grid[grid.k == grid.k_prime].sort_values("k")
+    assert diagonal.relative.iloc[-1] == pytest.approx(1.0)            # k' = D: the full head
+    assert diagonal.relative.iloc[-1] > diagonal.relative.iloc[0]      # relative accuracy rises with k' on the diagonal
+    assert np.corrcoef(np.log(diagonal.k), diagonal.relative)[0, 1] > 0.7
+    assert (grid.multiply_adds == grid.k_prime * 10).all()
+    assert len(table(tiny, "fig3_best_k_per_k_prime")) == 7
+
+
+def test_depth_study_table(tiny):
+    depth = table(tiny, "table2-6_depth_study")
+    assert list(depth.model) == ["resnet8", "resnet14"] and (depth.D == 64).all() and (depth.C == 10).all()
+    assert np.allclose(depth["k'/D"], 5 / 64) and np.allclose(depth["k'/C"], 0.5)
+    assert np.allclose(depth.relative, depth.acc_decomposed / depth.acc_full)
+    assert (depth.acc_full > 0.5).all() and depth.relative.between(0.3, 1.2).all()
+    curves = table(tiny, "fig4_relative_vs_k")
+    assert set(curves.model) == {"resnet8", "resnet14"} and (curves.k == curves.k_prime).all()
+
+
+def test_retrain_tables(tiny):
+    history = table(tiny, "retrain_history")
+    assert list(history.epoch) == [0, 1, 2] and history.test_acc.between(0, 1).all()
+    assert history.test_acc.iloc[-1] >= history.test_acc.iloc[0] - 0.02   # fine-tuning does not hurt
+    cost = table(tiny, "retrain_cost")
+    assert list(cost.multiply_adds) == [640, 50]
+    assert len(table(tiny, "decomposed_softmax")) == 5
+
+
+def test_visualization_table(tiny):
+    maps = table(tiny, "table7_maps")
+    assert len(maps) == 3 and list(maps["class"]) == [0, 1, 2]
+    assert (maps.mean_influential > maps.mean_non_influential).mean() >= 2 / 3  # influential channels fire harder
+
+
+def test_ablation_table(tiny):
+    wide = table(tiny, "table8_ablation").set_index(["variant", "head"])
+    for setting in [("authors", "full"), ("matched", "decomposed")]:
+        row = wide.loc[setting]
+        assert row["influential"] < row["non-influential"] <= row["no_noise"] + 0.02, setting  # influential noise hurts more
+
+
+def test_csg_tables(tiny):
+    t1 = table(tiny, "table1_csg")
+    assert len(t1) == 3 and t1.accuracy.between(0.3, 1).all()
+    mi = table(tiny, "csg_mutual_information")
+    assert list(mi.method) == ["ours (Algorithm 1)", "CSG lowest gates (authors' code)", "CSG highest gates (sound)"]
+    assert (mi.mutual_information >= 0).all() and mi.jaccard.between(0, 1).all()
+
+
+@pytest.fixture(scope="module")
+def fake_imagenet(tmp_path_factory):
+    """Two classes x two generated JPEGs in train/ and val/ (64x64, resized to 256 and cropped to 224)."""
+    from torchvision.io import write_jpeg
+    root = tmp_path_factory.mktemp("imagenet")
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("n01440764", "n01443537"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                write_jpeg(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=gen),
+                           str(root / split / cls / f"{i}.JPEG"))
+    return root
+
+
+def test_imagenet_profile_with_random_weights(tmp_path, fake_imagenet):
+    overrides = {"dataset": f"imagefolder:{fake_imagenet}", "weights": "random", "model": "resnet18",
+                 "models": ["resnet18"], "k": 5, "k_prime": 5, "depth_k": 5, "grid_k": [1, 5, 20],
+                 "max_train": None, "batch_size": 4}
+    for number in ("01", "02", "03"):
+        out = execute(tmp_path, "imagenet", overrides, only=number)
+    grid = table(out, "fig3_grid")
+    assert len(grid) == 9 and grid.acc_decomposed.between(0, 1).all()
+    depth = table(out, "table2-6_depth_study")
+    assert list(depth.model) == ["resnet18"] and depth.D[0] == 512 and depth.C[0] == 2
+    assert depth.family[0] == "ResNet (ImageNet)"
+    assert len(table(out, "table_index_sets")) == 2
+
+
+def test_runner_stops_at_the_failing_notebook_and_resumes(tmp_path, monkeypatch):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    for name, source in (("01_ok", "print('fine')"), ("02_broken", "raise ValueError('planted failure')"),
+                         ("03_never", "print('unreachable')")):
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell("profile = 'demo'\noverrides = {}\nout_dir = None")
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params, nbformat.v4.new_code_cell(source)]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, folder / f"{name}.ipynb")
+    kw = {"figures_dir": tmp_path / "figures", "runs_dir": tmp_path / "runs", "notebooks_dir": folder}
+    log = []
+    assert runner.run("demo", overrides={"name": "t"}, log=log.append, **kw) == 1
+    assert any("02_broken FAILED: ValueError: planted failure" in line for line in log)
+    prov = json.loads((tmp_path / "figures" / "provenance.json").read_text())
+    assert prov["notebooks"]["01_ok"]["status"] == "ok" and prov["notebooks"]["02_broken"]["status"] == "failed"
+    assert "03_never" not in prov["notebooks"] and (tmp_path / "runs" / "02_broken.ipynb").is_file()
+    log.clear()
+    assert runner.run("demo", overrides={"name": "t"}, resume=True, log=log.append, **kw) == 1
+    assert any("01_ok: done at this commit, skipped" in line for line in log)
+
+
+def test_runner_picks_notebooks_and_parses_overrides():
+    assert runner.pick(NOTEBOOKS, "4").stem == "04_decomposition_retrain"
+    assert runner.pick(NOTEBOOKS, "csg").stem == "07_csg"
+    with pytest.raises(SystemExit):
+        runner.pick(NOTEBOOKS, "nothing")
+    assert runner.parse_set(["k=10", "train.epochs=2", "models=[resnet8]"]) == \
+        {"k": 10, "train": {"epochs": 2}, "models": ["resnet8"]}
