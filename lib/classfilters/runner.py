@@ -71,12 +71,14 @@ def device_name() -> str:
 
 
 def versions() -> dict:
+    import torch
     out = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    out.update(torch=torch.__version__, cuda=torch.version.cuda)  # the build tag (+cu130, +cpu) matters
     return out
 
 
