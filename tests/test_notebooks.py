@@ -1,8 +1,8 @@
 """The paper notebooks run end to end under papermill on the smallest settings, and their tables say what the paper says.
 
 One run of all seven notebooks on a test-sized demo profile (digits, two small ResNets,
-few epochs), one run of the ImageNet profile on a tiny fake image folder with random
-weights, the runner's stop / resume behaviour, and a check that the committed notebooks
+few epochs), one of all seven with the ImageNet profile on a tiny fake image folder and
+random weights, the runner's stop / resume behaviour, and a check that the committed notebooks
 carry no outputs and a `parameters` cell. About two minutes on two CPU cores.
 """
 import json
@@ -142,15 +142,15 @@ def fake_imagenet(tmp_path_factory):
 def test_imagenet_profile_with_random_weights(tmp_path, fake_imagenet):
     overrides = {"dataset": f"imagefolder:{fake_imagenet}", "weights": "random", "model": "resnet18",
                  "models": ["resnet18"], "k": 5, "k_prime": 5, "depth_k": 5, "grid_k": [1, 5, 20],
-                 "max_train": None, "batch_size": 4}
-    for number in ("01", "02", "03"):
-        out = execute(tmp_path, "imagenet", overrides, only=number)
+                 "max_train": None, "batch_size": 4, "vis_images": 2, "finetune_epochs": 1}
+    out = execute(tmp_path, "imagenet", overrides)  # all seven notebooks, streamed 224 px images
     grid = table(out, "fig3_grid")
     assert len(grid) == 9 and grid.acc_decomposed.between(0, 1).all()
     depth = table(out, "table2-6_depth_study")
     assert list(depth.model) == ["resnet18"] and depth.D[0] == 512 and depth.C[0] == 2
     assert depth.family[0] == "ResNet (ImageNet)"
     assert len(table(out, "table_index_sets")) == 2
+    assert len(table(out, "table7_maps")) == 2 and len(table(out, "table1_csg")) == 3
 
 
 def test_runner_stops_at_the_failing_notebook_and_resumes(tmp_path, monkeypatch):

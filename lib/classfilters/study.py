@@ -242,7 +242,7 @@ def markdown(df: pd.DataFrame, digits: int = 4) -> str:
     def cell(v):
         if isinstance(v, float):
             return f"{v:.{digits}f}"
-        return str(v).replace("|", "\\|")
+        return str(v).replace("|", "\\|").replace("\n", " ")
     head = "| " + " | ".join(map(str, df.columns)) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
@@ -402,7 +402,7 @@ def ablation_tables(run: Run, influence: InfluentialFeatures, seed: int = 0) -> 
     long = pd.DataFrame(noise_ablation(run.head, influence, run.test_features, run.test.labels,
                                        run.train_features, seed))
     names = {"none": "no noise", "authors": "authors' N(0, 1)", "matched": "matched mean/std"}
-    long["setting"] = long["variant"].map(names) + ", " + long["head"] + " head"
+    long["setting"] = long["variant"].map(names) + ",\n" + long["head"] + " head"
     base = long[long.variant == "none"].set_index("head")["accuracy"]
     wide = long[long.variant != "none"].pivot_table(index=["variant", "head"], columns="replaced",
                                                     values="accuracy").reset_index()
