@@ -72,9 +72,10 @@ def shuffled_batches(split: ImageSplit, batch_size: int, gen: torch.Generator, d
         yield images.to(device), labels.to(device)
 
 
-def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe = Recipe(), lam: float = 0.01,
+def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = None, lam: float = 0.01,
               seed: int = 0, device=None, progress: bool = False) -> GatedModel:
     """CSG training from `model` (copied): alternating standard and gated steps, gates renormalised."""
+    recipe = recipe or Recipe()
     device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -83,7 +84,8 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe = Recipe(),
                            {"params": [gated.gates], "weight_decay": 0.0}],
                           lr=recipe.lr, momentum=0.9, nesterov=True)
     steps = recipe.epochs * -(-len(split) // recipe.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=steps, pct_start=0.25)
+    # at least 8 steps: with exactly 4, OneCycleLR's warm-up phase is empty and it divides by zero
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=max(steps, 8), pct_start=0.25)
     width = split.images.shape[-1] if split.images is not None else 224
     padding = recipe.crop_padding if recipe.crop_padding is not None else width // 8
     step = 0
@@ -103,9 +105,10 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe = Recipe(),
     return gated.cpu().eval()
 
 
-def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe = Recipe(), lam: float = 0.01,
+def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = None, lam: float = 0.01,
                 seed: int = 0, device=None, progress: bool = False) -> GatedModel:
     """`train_csg`, cached under the starting weights, the split, the recipe, lam and the seed."""
+    recipe = recipe or Recipe()
     key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam,
            "seed": seed}
     gated = GatedModel(copy.deepcopy(model))

@@ -52,7 +52,7 @@ def pick(all_notebooks: list[Path], only: str) -> Path:
 def git_commit(root: Path) -> tuple[str, bool]:
     """(commit, dirty): the checkout's HEAD and whether tracked files differ from it."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], check=False, cwd=root, capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "HEAD") or "unknown"
     return commit, bool(git("status", "--porcelain", "--untracked-files=no", "lib", "notebooks", "profiles"))
 
@@ -135,7 +135,7 @@ def run(profile: str, only: str | None = None, resume: bool = False, overrides: 
                                                    "out_dir": str(figures_dir)},
                                        progress_bar=False, log_output=False)
             entry = {"status": "ok"}
-        except Exception as e:  # papermill's PapermillExecutionError carries the cell's error
+        except Exception as e:  # noqa: BLE001 -- any failure is recorded; PapermillExecutionError carries the cell's error
             ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
             entry = {"status": "failed", "error": f"{ename}: {evalue}"}
             log(f"[{name}] {nb.stem} FAILED: {ename}: {evalue}\n  executed copy: {runs_dir / nb.name}")
