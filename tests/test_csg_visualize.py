@@ -1,8 +1,7 @@
 """Class-Specific Gates (csg.py) and the Table 7 maps (visualize.py) on small inputs and the digits model."""
 import torch
 
-from classfilters import Recipe, extract_features, influential_features, open_dataset
-from classfilters import csg, visualize
+from classfilters import Recipe, csg, extract_features, influential_features, open_dataset, visualize
 
 
 def test_gate_rules():
