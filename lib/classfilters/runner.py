@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .study import load_profile, repo_root
+from .study import load_profile, profile_path, repo_root
 
 LIBRARIES = ("classfilters", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "matplotlib", "seaborn",
              "papermill", "ipywidgets", "timm")
@@ -131,7 +131,7 @@ def run(profile: str, only: str | None = None, resume: bool = False, overrides: 
         t0 = time.time()
         try:
             papermill.execute_notebook(str(nb), str(runs_dir / nb.name), kernel_name="python3", cwd=str(root),
-                                       parameters={"profile": str(profile), "overrides": values,
+                                       parameters={"profile": str(profile_path(profile)), "overrides": values,
                                                    "out_dir": str(figures_dir)},
                                        progress_bar=False, log_output=False)
             entry = {"status": "ok"}
