@@ -67,12 +67,32 @@ def test_interrupted_extraction_resumes(digits_model, monkeypatch):
     assert torch.allclose(resumed, direct, atol=1e-5)
 
 
-def _serial_batches(split, batch_size, start=0, num_workers=0):
-    for i in range(start, len(split), batch_size):
-        items = [split.dataset[j] for j in range(i, min(i + batch_size, len(split)))]
+def _serial_batches(split, batch_size, start=0, stop=None, num_workers=0):
+    stop = len(split) if stop is None else stop
+    for i in range(start, stop, batch_size):
+        items = [split.dataset[j] for j in range(i, min(i + batch_size, stop))]
         yield torch.stack([x for x, _ in items])
 
 
 def test_nan_features_are_reported():
     with pytest.raises(ValueError, match="NaN or inf"):
         check_features(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+def test_out_of_memory_backs_off_and_goes_on(digits_model, monkeypatch, capsys):
+    test = open_dataset("digits", "test")
+    direct = extract_features(digits_model, test, use_cache=False, progress=False)
+    original = digits_model.forward_features
+    sizes = []
+
+    def small_memory(x):
+        sizes.append(len(x))
+        if len(x) > 40:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(x)
+
+    monkeypatch.setattr(digits_model, "forward_features", small_memory)
+    backed_off = extract_features(digits_model, test, batch_size=128, use_cache=False, progress=True)
+    assert torch.allclose(backed_off, direct, atol=1e-5)
+    assert max(s for s in sizes if s <= 40) == 32
+    assert "out of GPU memory at batch size 128: going on with 64" in capsys.readouterr().err

@@ -1,15 +1,23 @@
-"""Batched extraction of the pooled penultimate features phi(x), cached on disk.
+"""Batched extraction of the pooled penultimate features phi(x), cached on disk, on one GPU or many.
 
-`extract_features(model, split)` runs the model body over a split in batches (no
-DataLoader for in-memory splits; worker processes for streamed folders), on the GPU with
-channels_last and bf16 autocast, shows a tqdm bar, and returns float32 (N, D) features
-in dataset order. Results are cached under a key of the model's weights, the split's
-fingerprint, the normalisation and the precision; long runs save their progress every
-`checkpoint_every` images, so an interrupted extraction resumes where it stopped.
+`extract_features(model, split)` runs the model over a split in batches (no DataLoader for
+in-memory splits; worker processes for streamed folders), on the GPU with channels_last
+and bf16 autocast, shows a tqdm bar, and returns float32 (N, D) features in dataset order.
+
+- Cache: keyed by the model's weights, the split's fingerprint, the normalisation and the
+  precision; a changed checkpoint never reuses a stale entry (see cache.py).
+- Resumable: progress is saved every `checkpoint_every` images; an interrupted run resumes.
+- Many processes: under `torchrun` (torch.distributed initialised), rank r extracts the r-th
+  contiguous slice and the slices are gathered, so every rank gets all N rows in dataset
+  order, with no padded duplicates.
+- Out of GPU memory: the batch is split in halves and the run goes on, saying so.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -19,16 +27,26 @@ from .models import FeatureModel, fingerprint
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def batches(split: ImageSplit, batch_size: int, start: int = 0, num_workers: int = 4):
-    """Yield uint8 (B, C, H, W) batches of `split` in order, from image `start` on."""
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def batches(split: ImageSplit, batch_size: int, start: int = 0, stop: int | None = None, num_workers: int = 4):
+    """Yield uint8 (B, C, H, W) batches of images start..stop of `split`, in order."""
+    stop = len(split) if stop is None else stop
     if split.images is not None:
-        for i in range(start, len(split), batch_size):
-            yield split.images[i:i + batch_size]
+        for i in range(start, stop, batch_size):
+            yield split.images[i:min(i + batch_size, stop)]
         return
-    subset = torch.utils.data.Subset(split.dataset, range(start, len(split)))
+    subset = torch.utils.data.Subset(split.dataset, range(start, stop))
     loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())
     for images, _ in loader:
         yield images
@@ -38,32 +56,45 @@ def batches(split: ImageSplit, batch_size: int, start: int = 0, num_workers: int
 def extract_features(model: FeatureModel, split: ImageSplit, batch_size: int = 256, device=None,
                      bf16: bool | None = None, use_cache: bool = True, progress: bool = True,
                      checkpoint_every: int = 50_000) -> torch.Tensor:
-    """phi(x) for every image of `split`, float32 (N, D), on the CPU."""
+    """phi(x) for every image of `split`, float32 (N, D), on the CPU (on every rank)."""
     device = torch.device(device) if device is not None else default_device()
     bf16 = (device.type == "cuda") if bf16 is None else bf16
     key = {"model": fingerprint(model), "data": split.fingerprint, "mean": split.mean, "std": split.std,
            "precision": "bf16" if bf16 else "fp32", "n": len(split)}
     if use_cache and (hit := cache.load("features", key)) is not None:
         return hit["features"]
-    done = []
-    if use_cache:  # resume from saved parts
-        while (part := cache.load("features-part", {**key, "part": len(done)})) is not None:
-            done.append(part["features"])
-    start = sum(len(p) for p in done)
+    rank, size = world()
+    start, stop = len(split) * rank // size, len(split) * (rank + 1) // size
+    part_key = {**key, "slice": [start, stop]}
     was_training = model.training
     model.eval().to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    features, parts = _extract_slice(model, split, start, stop, part_key, batch_size, device, bf16, use_cache,
+                                     progress and rank == 0, checkpoint_every)
+    model.train(was_training)
+    if size > 1:
+        features = _gather_in_order(features, len(split), device)
+    check_features(features, f"{model.name} on {split.name}")
+    if use_cache and rank == 0:
+        cache.save("features", key, {"features": features})
+    for i in range(parts):  # the saved progress is no longer needed once the whole result is
+        cache.entry_path("features-part", {**part_key, "part": i}).unlink(missing_ok=True)
+    return features
+
+
+def _extract_slice(model, split, start, stop, key, batch_size, device, bf16, use_cache, progress, checkpoint_every):
+    done = []
+    if use_cache:  # resume from saved parts
+        while (part := cache.load("features-part", {**key, "part": len(done)})) is not None:
+            done.append(part["features"])
+    first = start + sum(len(p) for p in done)
     pending, in_pending = [], 0
-    bar = tqdm(total=len(split), initial=start, desc=f"features {model.name} / {split.name}",
+    bar = tqdm(total=stop - start, initial=first - start, desc=f"features {model.name} / {split.name}",
                disable=not progress, unit="img")
-    for images in batches(split, batch_size, start):
-        x = split.normalize(images.to(device, non_blocking=True))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            phi = model.forward_features(x)
-        pending.append(phi.float().cpu())
+    for images in batches(split, batch_size, first, stop):
+        phi = _forward_with_backoff(model, split, images, device, bf16, bar)
+        pending.append(phi)
         in_pending += len(images)
         bar.update(len(images))
         if use_cache and in_pending >= checkpoint_every:
@@ -72,14 +103,39 @@ def extract_features(model: FeatureModel, split: ImageSplit, batch_size: int = 2
             done.append(part)
             pending, in_pending = [], 0
     bar.close()
-    model.train(was_training)
     features = torch.cat(done + pending) if (done or pending) else torch.empty(0, model.num_features)
-    check_features(features, f"{model.name} on {split.name}")
-    if use_cache:
-        cache.save("features", key, {"features": features})
-        for i in range(len(done)):
-            cache.entry_path("features-part", {**key, "part": i}).unlink(missing_ok=True)
-    return features
+    return features, len(done)
+
+
+def _forward_with_backoff(model, split, images, device, bf16, bar) -> torch.Tensor:
+    """phi for one batch; on CUDA out-of-memory, the batch is done in halves (recursively)."""
+    try:
+        x = split.normalize(images.to(device, non_blocking=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model.forward_features(x).float().cpu()
+    except torch.cuda.OutOfMemoryError:
+        if len(images) == 1:
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(images) // 2
+        bar.write(f"out of GPU memory at batch size {len(images)}: going on with {half}", file=sys.stderr)
+        return torch.cat([_forward_with_backoff(model, split, images[:half], device, bf16, bar),
+                          _forward_with_backoff(model, split, images[half:], device, bf16, bar)])
+
+
+def _gather_in_order(local: torch.Tensor, n: int, device) -> torch.Tensor:
+    """Concatenate every rank's contiguous slice, in rank order, dropping the padding."""
+    _, size = world()
+    sizes = [n * (r + 1) // size - n * r // size for r in range(size)]
+    backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros(max(sizes), local.shape[1], device=backend_device)
+    padded[:len(local)] = local.to(backend_device)
+    gathered = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:s].cpu() for g, s in zip(gathered, sizes)])
 
 
 def check_features(features: torch.Tensor, what: str = "features") -> None:

@@ -1,0 +1,45 @@
+"""Two processes (torch.distributed, gloo on the CPU) give exactly what one process gives."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from classfilters import build_model, extract_features, influential_features, open_dataset
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, weights, out, cache_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CLASSFILTERS_CACHE=cache_dir)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = build_model("resnet8", weights, num_classes=10, in_channels=1)
+        split = open_dataset("digits", "test")
+        features = extract_features(model, split, batch_size=50, device="cpu", progress=False)
+        torch.save(features, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_multi_process_extraction_equals_one_process(tmp_path, digits_model, world_size):
+    weights = tmp_path / "resnet8.pt"
+    torch.save(digits_model.body.model.state_dict(), weights)
+    mp.spawn(_worker, args=(world_size, _free_port(), str(weights), str(tmp_path / "phi"), str(tmp_path / "cache")),
+             nprocs=world_size, join=True)
+    split = open_dataset("digits", "test")  # 360 images: slices of 120 or 180, never padded into the result
+    single = extract_features(digits_model, split, batch_size=50, device="cpu", use_cache=False, progress=False)
+    for rank in range(world_size):
+        gathered = torch.load(tmp_path / f"phi.{rank}")
+        assert gathered.shape == single.shape
+        assert torch.allclose(gathered, single, atol=1e-5)
+    assert influential_features(gathered, split.labels, 5, 5).indices == \
+        influential_features(single, split.labels, 5, 5).indices
