@@ -2,7 +2,8 @@
 
 For each row: split it into k blocks and take the smallest block maximum t; at least k
 entries are >= t, so the top k all are. The few entries >= t are copied out in index
-order, the k-th largest value T is found among them by partial sort, and the output is
+order and bucketed by value (buckets are monotone in value), so the k-th largest value T
+is found by a partial sort of one small bucket; the output is
 every entry > T plus the first entries == T in index order: ties at the k-th value go to
 the lower index, the same rule as `influence.topk_indices`. About 10x faster than
 `torch.topk` on 2 cores for k << D, so Algorithm 1 is bound by reading the features.
@@ -40,6 +41,9 @@ def _kth_largest(values, count, k):
     return values[target]
 
 
+BUCKETS = 128  # value buckets between the candidate threshold and the row's maximum
+
+
 @njit(parallel=True, cache=True)
 def _topk_rows(scores, k, out):
     n, d = scores.shape
@@ -47,28 +51,44 @@ def _topk_rows(scores, k, out):
     for blk in prange(blocks):
         values = np.empty(d, dtype=scores.dtype)  # per-thread buffers, reused row after row
         index = np.empty(d, dtype=np.int64)
+        counts = np.empty(BUCKETS, dtype=np.int64)
         for r in range(blk * n // blocks, (blk + 1) * n // blocks):
             row = scores[r]
             t = np.inf
+            top = -np.inf
             for b in range(k):  # smallest of the k block maxima: at least k entries reach it
                 lo, hi = b * d // k, (b + 1) * d // k
                 m = row[lo]
                 for j in range(lo + 1, hi):
-                    if row[j] > m:
-                        m = row[j]
-                if m < t:
-                    t = m
+                    m = max(m, row[j])
+                t = min(t, m)
+                top = max(top, m)
             count = 0
             for j in range(d):  # the candidates, in index order (branch-free: written, kept if >= t)
                 values[count] = row[j]
                 index[count] = j
                 count += row[j] >= t
-            kth = _kth_largest(values, count, k)
-            above = 0
+            scale = BUCKETS / (top - t) if top > t else 0.0
+            if not (scale > 0 and np.isfinite(scale)):  # all candidates equal, or a span too small to bucket
+                kth = _kth_largest(values, count, k) if top > t else t
+            else:  # find the k-th largest: bucket the candidates by value, then select in one bucket
+                counts[:] = 0
+                for i in range(count):
+                    counts[min(int((values[i] - t) * scale), BUCKETS - 1)] += 1
+                above, b = 0, BUCKETS - 1
+                while above + counts[b] < k:
+                    above += counts[b]
+                    b -= 1
+                inside = 0
+                for i in range(count):  # monotone buckets: bucket b holds the k-th largest
+                    if min(int((values[i] - t) * scale), BUCKETS - 1) == b:
+                        values[inside] = values[i]
+                        inside += 1
+                kth = _kth_largest(values, inside, k - above)
+            greater = 0
             for i in range(count):
-                if row[index[i]] > kth:
-                    above += 1
-            room = k - above  # how many entries equal to the k-th value fit, lowest index first
+                greater += row[index[i]] > kth
+            room = k - greater  # how many entries equal to the k-th value fit, lowest index first
             o = 0
             for i in range(count):
                 v = row[index[i]]
