@@ -96,3 +96,15 @@ def test_out_of_memory_backs_off_and_goes_on(digits_model, monkeypatch, capsys):
     assert torch.allclose(backed_off, direct, atol=1e-5)
     assert max(s for s in sizes if s <= 40) == 32
     assert "out of GPU memory at batch size 128: going on with 64" in capsys.readouterr().err
+
+
+def test_training_is_repeatable(tmp_path, monkeypatch):
+    from classfilters import Recipe, trained_model
+    from classfilters.models import fingerprint
+    train = open_dataset("digits", "train").subset(torch.arange(0, 1437, 5))
+    recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False)
+    prints = []
+    for run in range(2):  # two cold runs: empty cache each time
+        monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path / f"cache{run}"))
+        prints.append(fingerprint(trained_model("resnet8", train, recipe, seed=3, progress=False)))
+    assert prints[0] == prints[1]

@@ -63,8 +63,9 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe = Recip
     steps_per_epoch = -(-len(split) // recipe.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True,
                           weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.epochs * steps_per_epoch,
-                                                pct_start=0.25)
+    total_steps = recipe.epochs * steps_per_epoch
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=total_steps, pct_start=0.25)
+             if total_steps >= 8 else torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))  # too short to warm up
     bf16 = device.type == "cuda"
     padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8
     for _ in tqdm(range(recipe.epochs), desc=f"train {getattr(model, 'name', type(model).__name__)}",
@@ -86,6 +87,7 @@ def trained_model(name: str, split: ImageSplit, recipe: Recipe = Recipe(), seed:
                   progress: bool = True) -> FeatureModel:
     """`build_model(name)` trained on `split` with `recipe`, from the cache when done before."""
     in_channels = split.images.shape[1]
+    torch.manual_seed(seed)  # the initial weights are part of the recipe: same seed, same model
     model = build_model(name, num_classes=split.num_classes, in_channels=in_channels)
     key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed,
            "in_channels": in_channels, "classes": split.num_classes}
