@@ -108,3 +108,30 @@ def test_training_is_repeatable(tmp_path, monkeypatch):
         monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path / f"cache{run}"))
         prints.append(fingerprint(trained_model("resnet8", train, recipe, seed=3, progress=False)))
     assert prints[0] == prints[1]
+
+
+def test_one_pass_for_several_models_equals_each_alone(digits_model):
+    from classfilters import build_model, extract_features_many
+    torch.manual_seed(1)
+    other = build_model("resnet14", num_classes=10, in_channels=1)
+    test = open_dataset("digits", "test")
+    reads = []
+    streamed = ImageSplit(test.labels, test.classes, "streamed-digits", "streamed-digits-many",
+                          dataset=Exploding(test), mean=test.mean, std=test.std)
+    import classfilters.features as features
+
+    def counting(split, batch_size, start=0, stop=None, num_workers=0):
+        for images in _serial_batches(split, batch_size, start, stop):
+            reads.append(len(images))
+            yield images
+
+    original = features.batches
+    features.batches = counting
+    try:
+        both = extract_features_many({"a": digits_model, "b": other}, streamed, batch_size=64, progress=False)
+    finally:
+        features.batches = original
+    assert sum(reads) == len(test)  # the images were read once for both models
+    for name, model in (("a", digits_model), ("b", other)):
+        alone = extract_features(model, test, use_cache=False, progress=False)
+        assert torch.allclose(both[name], alone, atol=1e-5)

@@ -11,14 +11,14 @@ __version__ = "0.1.0"
 from .ablation import noise_ablation
 from .data import DatasetError, ImageSplit, open_dataset
 from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
-from .features import extract_features
+from .features import extract_features, extract_features_many
 from .influence import InfluentialFeatures, influential_features
 from .models import CifarResNet, FeatureModel, as_feature_model, build_model, load_cifar_resnet
 from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
 from .train import Recipe, finetune_head, train_classifier, trained_model
 
 __all__ = ["noise_ablation", "DatasetError", "ImageSplit", "open_dataset", "DecomposedHead", "accuracy",
-           "evaluate", "grid_accuracy", "extract_features", "InfluentialFeatures", "influential_features",
+           "evaluate", "grid_accuracy", "extract_features", "extract_features_many", "InfluentialFeatures", "influential_features",
            "CifarResNet", "FeatureModel", "as_feature_model", "build_model", "load_cifar_resnet",
            "jaccard_matrix", "mean_pairwise", "mutual_information_matrix", "Recipe", "finetune_head",
            "train_classifier", "trained_model"]

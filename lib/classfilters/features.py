@@ -11,6 +11,7 @@ and bf16 autocast, shows a tqdm bar, and returns float32 (N, D) features in data
   contiguous slice and the slices are gathered, so every rank gets all N rows in dataset
   order, with no padded duplicates.
 - Out of GPU memory: the batch is split in halves and the run goes on, saying so.
+- Several models: `extract_features_many` reads, decodes and normalises each batch once for all.
 """
 from __future__ import annotations
 
@@ -57,73 +58,99 @@ def extract_features(model: FeatureModel, split: ImageSplit, batch_size: int = 2
                      bf16: bool | None = None, use_cache: bool = True, progress: bool = True,
                      checkpoint_every: int = 50_000) -> torch.Tensor:
     """phi(x) for every image of `split`, float32 (N, D), on the CPU (on every rank)."""
+    return extract_features_many({"model": model}, split, batch_size, device, bf16, use_cache, progress,
+                                 checkpoint_every)["model"]
+
+
+@torch.no_grad()
+def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, batch_size: int = 256, device=None,
+                          bf16: bool | None = None, use_cache: bool = True, progress: bool = True,
+                          checkpoint_every: int = 50_000) -> dict[str, torch.Tensor]:
+    """`extract_features` for several models over one pass of the data: each batch is read,
+    decoded and normalised once and fed to every model (a depth study's 13 models share it)."""
     device = torch.device(device) if device is not None else default_device()
     bf16 = (device.type == "cuda") if bf16 is None else bf16
-    key = {"model": fingerprint(model), "data": split.fingerprint, "mean": split.mean, "std": split.std,
-           "precision": "bf16" if bf16 else "fp32", "n": len(split)}
-    if use_cache and (hit := cache.load("features", key)) is not None:
-        return hit["features"]
+    keys = {name: {"model": fingerprint(m), "data": split.fingerprint, "mean": split.mean, "std": split.std,
+                   "precision": "bf16" if bf16 else "fp32", "n": len(split)} for name, m in models.items()}
+    result = {}
+    for name, key in keys.items():
+        if use_cache and (hit := cache.load("features", key)) is not None:
+            result[name] = hit["features"]
+    todo = {name: m for name, m in models.items() if name not in result}
+    if not todo:
+        return result
     rank, size = world()
     start, stop = len(split) * rank // size, len(split) * (rank + 1) // size
-    part_key = {**key, "slice": [start, stop]}
-    was_training = model.training
-    model.eval().to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    features, parts = _extract_slice(model, split, start, stop, part_key, batch_size, device, bf16, use_cache,
+    part_keys = {name: {**keys[name], "slice": [start, stop]} for name in todo}
+    modes = {name: m.training for name, m in todo.items()}
+    for m in todo.values():
+        m.eval().to(device)
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+    features, parts = _extract_slice(todo, split, start, stop, part_keys, batch_size, device, bf16, use_cache,
                                      progress and rank == 0, checkpoint_every)
-    model.train(was_training)
-    if size > 1:
-        features = _gather_in_order(features, len(split), device)
-    check_features(features, f"{model.name} on {split.name}")
-    if use_cache and rank == 0:
-        cache.save("features", key, {"features": features})
-    for i in range(parts):  # the saved progress is no longer needed once the whole result is
-        cache.entry_path("features-part", {**part_key, "part": i}).unlink(missing_ok=True)
-    return features
+    for name, m in todo.items():
+        m.train(modes[name])
+        phi = _gather_in_order(features[name], len(split), device) if size > 1 else features[name]
+        check_features(phi, f"{m.name} on {split.name}")
+        if use_cache and rank == 0:
+            cache.save("features", keys[name], {"features": phi})
+        for i in range(parts):  # the saved progress is no longer needed once the whole result is
+            cache.entry_path("features-part", {**part_keys[name], "part": i}).unlink(missing_ok=True)
+        result[name] = phi
+    return {name: result[name] for name in models}
 
 
-def _extract_slice(model, split, start, stop, key, batch_size, device, bf16, use_cache, progress, checkpoint_every):
-    done = []
-    if use_cache:  # resume from saved parts
-        while (part := cache.load("features-part", {**key, "part": len(done)})) is not None:
-            done.append(part["features"])
-    first = start + sum(len(p) for p in done)
-    pending, in_pending = [], 0
-    bar = tqdm(total=stop - start, initial=first - start, desc=f"features {model.name} / {split.name}",
+def _extract_slice(models, split, start, stop, keys, batch_size, device, bf16, use_cache, progress, checkpoint_every):
+    """Features of images start..stop for every model, resuming from the parts all models saved."""
+    done = {name: [] for name in models}
+    if use_cache:  # resume from saved parts (as many as every model has)
+        for name in models:
+            while (part := cache.load("features-part", {**keys[name], "part": len(done[name])})) is not None:
+                done[name].append(part["features"])
+        common = min(len(d) for d in done.values())
+        done = {name: d[:common] for name, d in done.items()}
+    any_done = next(iter(done.values()))
+    first = start + sum(len(p) for p in any_done)
+    pending, in_pending = {name: [] for name in models}, 0
+    label = next(iter(models.values())).name if len(models) == 1 else f"{len(models)} models"
+    bar = tqdm(total=stop - start, initial=first - start, desc=f"features {label} / {split.name}",
                disable=not progress, unit="img")
     for images in batches(split, batch_size, first, stop):
-        phi = _forward_with_backoff(model, split, images, device, bf16, bar)
-        pending.append(phi)
-        in_pending += len(images)
-        bar.update(len(images))
-        if use_cache and in_pending >= checkpoint_every:
-            part = torch.cat(pending)
-            cache.save("features-part", {**key, "part": len(done)}, {"features": part})
-            done.append(part)
-            pending, in_pending = [], 0
-    bar.close()
-    features = torch.cat(done + pending) if (done or pending) else torch.empty(0, model.num_features)
-    return features, len(done)
-
-
-def _forward_with_backoff(model, split, images, device, bf16, bar) -> torch.Tensor:
-    """phi for one batch; on CUDA out-of-memory, the batch is done in halves (recursively)."""
-    try:
         x = split.normalize(images.to(device, non_blocking=True))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        for name, m in models.items():
+            pending[name].append(_forward_with_backoff(m, x, device, bf16, bar))
+        in_pending += len(images)
+        bar.update(len(images))
+        if use_cache and in_pending >= checkpoint_every:
+            for name in models:
+                part = torch.cat(pending[name])
+                cache.save("features-part", {**keys[name], "part": len(done[name])}, {"features": part})
+                done[name].append(part)
+                pending[name] = []
+            in_pending = 0
+    bar.close()
+    features = {name: torch.cat(done[name] + pending[name]) if (done[name] or pending[name])
+                else torch.empty(0, m.num_features) for name, m in models.items()}
+    return features, len(any_done)
+
+
+def _forward_with_backoff(model, x, device, bf16, bar) -> torch.Tensor:
+    """phi for one normalised batch; on CUDA out-of-memory, the batch is done in halves (recursively)."""
+    try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return model.forward_features(x).float().cpu()
     except torch.cuda.OutOfMemoryError:
-        if len(images) == 1:
+        if len(x) == 1:
             raise
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        half = len(images) // 2
-        bar.write(f"out of GPU memory at batch size {len(images)}: going on with {half}", file=sys.stderr)
-        return torch.cat([_forward_with_backoff(model, split, images[:half], device, bf16, bar),
-                          _forward_with_backoff(model, split, images[half:], device, bf16, bar)])
+        half = len(x) // 2
+        bar.write(f"out of GPU memory at batch size {len(x)}: going on with {half}", file=sys.stderr)
+        return torch.cat([_forward_with_backoff(model, x[:half], device, bf16, bar),
+                          _forward_with_backoff(model, x[half:], device, bf16, bar)])
 
 
 def _gather_in_order(local: torch.Tensor, n: int, device) -> torch.Tensor:
