@@ -26,7 +26,7 @@ import yaml
 
 from .data import ImageSplit, open_dataset
 from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
-from .features import extract_features
+from .features import extract_features, extract_features_many
 from .influence import InfluentialFeatures, influential_features
 from .models import FeatureModel, build_model
 from .overlap import jaccard_matrix, mutual_information_matrix
@@ -198,6 +198,18 @@ class Study:
                                    extract_features(model, test, **kw))
         return self._runs[name]
 
+    def load_all(self, names) -> list[Run]:
+        """Several models at once: each split is read and decoded once for all of them."""
+        missing = {name: self.build(name).eval() for name in names if name not in self._runs}
+        if missing:
+            train, test = self.split("train"), self.split("test")
+            kw = {"batch_size": self.get("batch_size", 256), "device": self.get("device"),
+                  "progress": self.get("progress", False)}
+            phi_train, phi_test = extract_features_many(missing, train, **kw), extract_features_many(missing, test, **kw)
+            for name, model in missing.items():
+                self._runs[name] = Run(name, model, train, test, phi_train[name], phi_test[name])
+        return [self._runs[name] for name in names]
+
     def wrap(self, model: FeatureModel, name: str) -> Run:
         """A `Run` for a model made in the notebook (e.g. the CSG one), on the profile's splits."""
         if name not in self._runs:
@@ -304,14 +316,13 @@ def depth_row(study: Study, run: Run, k: int) -> dict:
 
 def depth_table(study: Study, k: int) -> pd.DataFrame:
     """Tables 2-6: every model of the profile at k = k', grouped by family."""
-    return pd.DataFrame([depth_row(study, study.load(name), k) for name in study.models])
+    return pd.DataFrame([depth_row(study, run, k) for run in study.load_all(study.models)])
 
 
 def depth_curves(study: Study, ks) -> pd.DataFrame:
     """Fig 4: relative accuracy along k = k' for every model of the profile."""
     frames = []
-    for name in study.models:
-        run = study.load(name)
+    for name, run in zip(study.models, study.load_all(study.models)):
         grid = grid_table(run, sizes(ks, run.model.num_features), sizes(ks, run.model.num_features))
         frames.append(grid[grid.k == grid.k_prime].assign(model=name, family=family(name)))
     return pd.concat(frames, ignore_index=True)
