@@ -89,7 +89,7 @@ def trained_model(name: str, split: ImageSplit, recipe: Recipe = Recipe(), seed:
     in_channels = split.images.shape[1]
     torch.manual_seed(seed)  # the initial weights are part of the recipe: same seed, same model
     model = build_model(name, num_classes=split.num_classes, in_channels=in_channels)
-    key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed,
+    key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed, "init": "seeded",
            "in_channels": in_channels, "classes": split.num_classes}
     if (state := cache.load("models", key)) is not None:
         model.load_state_dict(state)
