@@ -15,6 +15,7 @@ and bf16 autocast, shows a tqdm bar, and returns float32 (N, D) features in data
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -165,10 +166,15 @@ def _gather_in_order(local: torch.Tensor, n: int, device) -> torch.Tensor:
     return torch.cat([g[:s].cpu() for g, s in zip(gathered, sizes)])
 
 
-def check_features(features: torch.Tensor, what: str = "features") -> None:
+def check_features(features: torch.Tensor, what: str = "features") -> tuple[float, float]:
+    """Refuse anything but finite (N, D) features; return their smallest and largest value (one pass)."""
     if features.dim() != 2:
         raise ValueError(f"{what}: features must be (N, D), got shape {tuple(features.shape)}")
-    if features.numel() and not torch.isfinite(torch.stack(torch.aminmax(features))).all():  # NaN propagates
+    if not features.numel():
+        return 0.0, 0.0
+    lowest, highest = (v.item() for v in torch.aminmax(features))
+    if not (math.isfinite(lowest) and math.isfinite(highest)):  # NaN propagates through min and max
         bad = (~torch.isfinite(features)).any(1).nonzero().flatten()
         raise ValueError(f"{what}: {len(bad)} rows hold NaN or inf (first rows {bad[:5].tolist()}); "
                          "check the checkpoint and the input normalisation, or use fp32 instead of bf16")
+    return lowest, highest

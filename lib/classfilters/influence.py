@@ -129,9 +129,10 @@ def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: 
         scores = features[start:start + chunk_size]
         scores = scores.abs() if rank_by == "magnitude" else scores
         y = labels[start:start + chunk_size].to(features.device)
-        if isinstance(k, int):
-            top = topk_indices_cpu(scores, k) if scores.device.type == "cpu" else topk_indices(scores, k)
-            flat = (y[:, None] * d + top).flatten()
+        if isinstance(k, int) and scores.device.type == "cpu":  # the kernel adds the class offsets itself
+            flat = topk_indices_cpu(scores, k, offsets=y * d).flatten()
+        elif isinstance(k, int):
+            flat = (y[:, None] * d + topk_indices(scores, k)).flatten()
         else:
             rows, cols = mass_mask(scores, k).nonzero(as_tuple=True)
             flat = y[rows] * d + cols
@@ -153,7 +154,9 @@ def influential_features(features: torch.Tensor, labels: torch.Tensor, k: Size =
                          num_classes: int | None = None, rank_by: str = "auto",
                          provenance: dict | None = None) -> InfluentialFeatures:
     """Algorithm 1 on training features (N, D) with labels (N,)."""
-    check_features(features, "training features")
+    lowest, _ = check_features(features, "training features")
+    if rank_by == "auto":
+        rank_by = "magnitude" if lowest < 0 else "value"
     labels = torch.as_tensor(labels).long()
     if labels.shape != (features.shape[0],):
         raise ValueError(f"labels have shape {tuple(labels.shape)} but there are {features.shape[0]} feature rows")

@@ -45,7 +45,7 @@ BUCKETS = 128  # value buckets between the candidate threshold and the row's max
 
 
 @njit(parallel=True, cache=True)
-def _topk_rows(scores, k, out):
+def _topk_rows(scores, k, offsets, out):
     n, d = scores.shape
     blocks = max(1, min(n, 256))
     for blk in prange(blocks):
@@ -70,8 +70,8 @@ def _topk_rows(scores, k, out):
                 count += row[j] >= t
             scale = BUCKETS / (top - t) if top > t else 0.0
             if not (scale > 0 and np.isfinite(scale)):  # all candidates equal, or a span too small to bucket
-                kth = _kth_largest(values, count, k) if top > t else t
-            else:  # find the k-th largest: bucket the candidates by value, then select in one bucket
+                inside, above = count, 0
+            else:  # bucket the candidates by value; the k-th largest lies in one bucket
                 counts[:] = 0
                 for i in range(count):
                     counts[min(int((values[i] - t) * scale), BUCKETS - 1)] += 1
@@ -80,14 +80,14 @@ def _topk_rows(scores, k, out):
                     above += counts[b]
                     b -= 1
                 inside = 0
-                for i in range(count):  # monotone buckets: bucket b holds the k-th largest
-                    if min(int((values[i] - t) * scale), BUCKETS - 1) == b:
-                        values[inside] = values[i]
-                        inside += 1
-                kth = _kth_largest(values, inside, k - above)
-            greater = 0
-            for i in range(count):
-                greater += row[index[i]] > kth
+                for i in range(count):  # monotone buckets: every entry of a higher bucket is larger
+                    v = values[i]
+                    values[inside] = v
+                    inside += min(int((v - t) * scale), BUCKETS - 1) == b
+            kth = _kth_largest(values, inside, k - above)
+            greater = above
+            for i in range(inside):
+                greater += values[i] > kth
             room = k - greater  # how many entries equal to the k-th value fit, lowest index first
             o = 0
             for i in range(count):
@@ -95,14 +95,15 @@ def _topk_rows(scores, k, out):
                 if v > kth or (v == kth and room > 0):
                     if v == kth:
                         room -= 1
-                    out[r, o] = index[i]
+                    out[r, o] = offsets[r] + index[i]
                     o += 1
 
 
-def topk_indices_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, k) int64 indices of each row's k largest entries (in index order)."""
+def topk_indices_cpu(scores: torch.Tensor, k: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, k) int64 indices of each row's k largest entries (in index order), plus `offsets` (N,) if given."""
     array = scores.detach().contiguous().numpy()
     out = np.empty((array.shape[0], k), dtype=np.int64)
+    offsets = np.zeros(array.shape[0], dtype=np.int64) if offsets is None else offsets.long().contiguous().numpy()
     if array.shape[0]:
-        _topk_rows(array, k, out)
+        _topk_rows(array, k, offsets, out)
     return torch.from_numpy(out)
