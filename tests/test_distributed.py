@@ -43,3 +43,42 @@ def test_multi_process_extraction_equals_one_process(tmp_path, digits_model, wor
         assert torch.allclose(gathered, single, atol=1e-5)
     assert influential_features(gathered, split.labels, 5, 5).indices == \
         influential_features(single, split.labels, 5, 5).indices
+
+
+def _finetune_worker(rank, world_size, port, data, out):
+    from torch import nn
+
+    from classfilters import DecomposedHead, finetune_head
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        features, labels, mask, weight, bias = torch.load(data)
+        head = nn.Linear(weight.shape[1], weight.shape[0])
+        head.weight.data, head.bias.data = weight.clone(), bias.clone()
+        decomposed = DecomposedHead(head, mask)
+        finetune_head(decomposed, features, labels, epochs=2, lr=1e-2, batch_size=37)
+        torch.save({k: v.detach() for k, v in decomposed.state_dict().items()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_finetuning_equals_one_process(tmp_path):
+    from torch import nn
+
+    from classfilters import DecomposedHead, finetune_head
+    from conftest import planted
+    features, labels = planted(strength=1.0)
+    influence = influential_features(features, labels, 3, 3)
+    torch.manual_seed(0)
+    head = nn.Linear(32, 6)
+    torch.save((features, labels, influence.mask, head.weight.detach(), head.bias.detach()), tmp_path / "data.pt")
+    mp.spawn(_finetune_worker, args=(2, _free_port(), str(tmp_path / "data.pt"), str(tmp_path / "head")),
+             nprocs=2, join=True)
+    single = DecomposedHead(head, influence)
+    finetune_head(single, features, labels, epochs=2, lr=1e-2, batch_size=37)  # 37: uneven shards on purpose
+    for rank in range(2):
+        state = torch.load(tmp_path / f"head.{rank}")
+        assert not torch.equal(state["weight"], head.weight * influence.mask)  # it did train
+        assert torch.allclose(state["weight"], single.weight, atol=1e-5)
+        assert torch.allclose(state["bias"], single.bias, atol=1e-5)

@@ -5,7 +5,7 @@ held on the device, with random-crop (and optionally flip) augmentation done on 
 (no DataLoader). `trained_model` caches the result under a key of the model name, the
 split's fingerprint, the recipe and the seed, so profiles never train the same model
 twice. `finetune_head` retrains a `DecomposedHead` from cached features (Adam, lr 1e-4,
-as the authors), recording accuracy after every epoch.
+as the authors), recording accuracy after every epoch, on one process or many (DDP).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import cache
 from .data import ImageSplit
 from .decomposed import DecomposedHead, accuracy
-from .features import default_device
+from .features import default_device, world
 from .models import FeatureModel, build_model
 
 
@@ -102,25 +102,38 @@ def trained_model(name: str, split: ImageSplit, recipe: Recipe = Recipe(), seed:
 def finetune_head(head: DecomposedHead, features: torch.Tensor, labels: torch.Tensor, epochs: int = 1,
                   lr: float = 1e-4, batch_size: int = 128, seed: int = 0, eval_features=None,
                   eval_labels=None) -> list[dict]:
-    """Adam on the decomposed head alone (the mask stays applied); accuracy after each epoch."""
+    """Adam on the decomposed head alone (the mask stays applied); accuracy after each epoch.
+
+    Under torchrun every rank holds all the features and takes its share of each batch; the
+    head is wrapped in DistributedDataParallel and each rank's loss is scaled so that the
+    averaged gradient is exactly the whole batch's: the result equals one process's.
+    """
     gen = torch.Generator().manual_seed(seed)
+    rank, size = world()
+    model = head
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(head, device_ids=[head.weight.device.index] if head.weight.is_cuda else None)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     labels = labels.long()
+    device = head.weight.device
     history = []
 
     def record(epoch):
-        row = {"epoch": epoch, "train_acc": accuracy(head(features), labels)}
+        row = {"epoch": epoch, "train_acc": accuracy(head(features.to(device)), labels)}
         if eval_features is not None:
-            row["test_acc"] = accuracy(head(eval_features), eval_labels)
+            row["test_acc"] = accuracy(head(eval_features.to(device)), eval_labels)
         history.append(row)
 
     with torch.no_grad():
         record(0)
     for epoch in range(1, epochs + 1):
-        perm = torch.randperm(len(labels), generator=gen)
+        perm = torch.randperm(len(labels), generator=gen)  # the same order on every rank
         for start in range(0, len(labels), batch_size):
-            idx = perm[start:start + batch_size]
-            loss = F.cross_entropy(head(features[idx]), labels[idx])
+            batch = perm[start:start + batch_size]
+            mine = batch[len(batch) * rank // size:len(batch) * (rank + 1) // size]
+            logits = model(features[mine].to(device))
+            loss = F.cross_entropy(logits, labels[mine].to(device), reduction="sum") * (size / len(batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
