@@ -59,6 +59,8 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe = Recip
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     images, labels = split.images.to(device), split.labels.to(device)
     steps_per_epoch = -(-len(split) // recipe.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True,
@@ -74,6 +76,8 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe = Recip
         for start in range(0, len(split), recipe.batch_size):
             idx = perm[start:start + recipe.batch_size]
             x = split.normalize(augment(images[idx], padding, recipe.flip, gen))
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x), labels[idx], label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
