@@ -26,7 +26,7 @@ import yaml
 
 from .data import ImageSplit, open_dataset
 from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
-from .features import extract_features, extract_features_many
+from .features import extract_features_many
 from .influence import InfluentialFeatures, influential_features
 from .models import FeatureModel, build_model
 from .overlap import jaccard_matrix, mutual_information_matrix
@@ -188,37 +188,27 @@ class Study:
 
     def load(self, name: str | None = None) -> Run:
         """The model `name` (default: the profile's main model) with its features, built once per study."""
-        name = name or self.model
-        if name not in self._runs:
-            model = self.build(name).eval()
-            train, test = self.split("train"), self.split("test")
-            kw = {"batch_size": self.get("batch_size", 256), "device": self.get("device"),
-                  "progress": self.get("progress", False)}
-            self._runs[name] = Run(name, model, train, test, extract_features(model, train, **kw),
-                                   extract_features(model, test, **kw))
-        return self._runs[name]
+        return self.load_all([name or self.model])[0]
 
     def load_all(self, names) -> list[Run]:
         """Several models at once: each split is read and decoded once for all of them."""
-        missing = {name: self.build(name).eval() for name in names if name not in self._runs}
-        if missing:
-            train, test = self.split("train"), self.split("test")
-            kw = {"batch_size": self.get("batch_size", 256), "device": self.get("device"),
-                  "progress": self.get("progress", False)}
-            phi_train, phi_test = extract_features_many(missing, train, **kw), extract_features_many(missing, test, **kw)
-            for name, model in missing.items():
-                self._runs[name] = Run(name, model, train, test, phi_train[name], phi_test[name])
+        self._add_runs({name: self.build(name).eval() for name in names if name not in self._runs})
         return [self._runs[name] for name in names]
 
     def wrap(self, model: FeatureModel, name: str) -> Run:
         """A `Run` for a model made in the notebook (e.g. the CSG one), on the profile's splits."""
-        if name not in self._runs:
-            train, test = self.split("train"), self.split("test")
-            kw = {"batch_size": self.get("batch_size", 256), "device": self.get("device"),
-                  "progress": self.get("progress", False)}
-            self._runs[name] = Run(name, model.eval(), train, test, extract_features(model, train, **kw),
-                                   extract_features(model, test, **kw))
+        self._add_runs({name: model.eval()} if name not in self._runs else {})
         return self._runs[name]
+
+    def _add_runs(self, models: dict[str, FeatureModel]) -> None:
+        if not models:
+            return
+        train, test = self.split("train"), self.split("test")
+        kw = {"batch_size": self.get("batch_size", 256), "device": self.get("device"),
+              "progress": self.get("progress", False)}
+        phi_train, phi_test = extract_features_many(models, train, **kw), extract_features_many(models, test, **kw)
+        for name, model in models.items():
+            self._runs[name] = Run(name, model, train, test, phi_train[name], phi_test[name])
 
     def influence(self, run: Run, k=None, k_prime=None) -> InfluentialFeatures:
         """Algorithm 1 on the run's training features (the profile's k and k' unless given)."""
