@@ -23,3 +23,4 @@ test: install
 bench: install
 	$(PYTHON) benchmarks/bench_influence.py
 	$(PYTHON) benchmarks/bench_grid.py
+	$(PYTHON) benchmarks/bench_decode.py

@@ -67,7 +67,7 @@ def test_interrupted_extraction_resumes(digits_model, monkeypatch):
     assert torch.allclose(resumed, direct, atol=1e-5)
 
 
-def _serial_batches(split, batch_size, start=0, stop=None, num_workers=0):
+def _serial_batches(split, batch_size, start=0, stop=None, num_workers=0, device=None):
     stop = len(split) if stop is None else stop
     for i in range(start, stop, batch_size):
         items = [split.dataset[j] for j in range(i, min(i + batch_size, stop))]
@@ -120,7 +120,7 @@ def test_one_pass_for_several_models_equals_each_alone(digits_model):
                           dataset=Exploding(test), mean=test.mean, std=test.std)
     import classfilters.features as features
 
-    def counting(split, batch_size, start=0, stop=None, num_workers=0):
+    def counting(split, batch_size, start=0, stop=None, num_workers=0, device=None):
         for images in _serial_batches(split, batch_size, start, stop):
             reads.append(len(images))
             yield images

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import cache
-from .data import ImageSplit
+from .data import FolderImages, ImageSplit
+from .decode import decode_folder_batches
 from .models import FeatureModel, fingerprint
 
 
@@ -41,12 +42,19 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def batches(split: ImageSplit, batch_size: int, start: int = 0, stop: int | None = None, num_workers: int = 4):
-    """Yield uint8 (B, C, H, W) batches of images start..stop of `split`, in order."""
+def batches(split: ImageSplit, batch_size: int, start: int = 0, stop: int | None = None, num_workers: int = 4,
+            device=None):
+    """Yield uint8 (B, C, H, W) batches of images start..stop of `split`, in order.
+
+    Image folders are decoded in batches on the GPU when `device` is one (decode.py), else
+    by DataLoader workers."""
     stop = len(split) if stop is None else stop
     if split.images is not None:
         for i in range(start, stop, batch_size):
             yield split.images[i:min(i + batch_size, stop)]
+        return
+    if device is not None and torch.device(device).type == "cuda" and isinstance(split.dataset, FolderImages):
+        yield from decode_folder_batches(split.dataset, batch_size, start, stop, device)
         return
     subset = torch.utils.data.Subset(split.dataset, range(start, stop))
     loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())
@@ -117,7 +125,7 @@ def _extract_slice(models, split, start, stop, keys, batch_size, device, bf16, u
     label = next(iter(models.values())).name if len(models) == 1 else f"{len(models)} models"
     bar = tqdm(total=stop - start, initial=first - start, desc=f"features {label} / {split.name}",
                disable=not progress, unit="img")
-    for images in batches(split, batch_size, first, stop):
+    for images in batches(split, batch_size, first, stop, device=device):
         x = split.normalize(images.to(device, non_blocking=True))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

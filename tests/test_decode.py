@@ -1,0 +1,42 @@
+"""Batched folder decoding equals the per-image path, on real ImageNet photos when at hand."""
+import pytest
+import torch
+from torchvision.io import encode_jpeg, encode_png
+
+from classfilters.data import DatasetError, FolderImages, load_image_folder
+from classfilters.decode import decode_folder_batches
+
+
+def _fake_folder(root):
+    gen = torch.Generator().manual_seed(0)
+    for c, (h, w) in (("n01", (300, 260)), ("n02", (240, 380))):
+        (root / "val" / c).mkdir(parents=True)
+        for i in range(3):
+            img = torch.randint(0, 256, (3, h + 7 * i, w), dtype=torch.uint8, generator=gen)
+            blob = encode_jpeg(img, quality=90) if i < 2 else encode_png(img)  # one PNG per class
+            (root / "val" / c / f"{i}.{'JPEG' if i < 2 else 'png'}").write_bytes(blob.numpy().tobytes())
+
+
+def test_batched_decoding_equals_the_per_image_path(tmp_path):
+    _fake_folder(tmp_path)
+    split = load_image_folder(tmp_path, "val")
+    reference = torch.stack([split.dataset[i][0] for i in range(len(split))])
+    batched = torch.cat(list(decode_folder_batches(split.dataset, 4, 0, len(split), "cpu")))
+    assert batched.shape == (6, 3, 224, 224) and batched.dtype == torch.uint8
+    assert torch.equal(batched, reference)
+    assert torch.equal(torch.cat(list(decode_folder_batches(split.dataset, 4, 2, 5, "cpu"))), reference[2:5])
+
+
+def test_real_photos(shared_data):
+    files = sorted((shared_data / "imagenet-sample").glob("*.JPEG"))[:12]
+    dataset = FolderImages(files, list(range(len(files))))
+    reference = torch.stack([dataset[i][0] for i in range(len(files))])
+    assert torch.equal(torch.cat(list(decode_folder_batches(dataset, 5, 0, len(files), "cpu"))), reference)
+
+
+def test_corrupt_file_is_named(tmp_path):
+    _fake_folder(tmp_path)
+    (tmp_path / "val" / "n01" / "0.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    split = load_image_folder(tmp_path, "val")
+    with pytest.raises(DatasetError, match="could not be decoded"):
+        list(decode_folder_batches(split.dataset, 4, 0, len(split), "cpu"))
