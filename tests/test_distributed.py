@@ -82,3 +82,34 @@ def test_ddp_finetuning_equals_one_process(tmp_path):
         assert not torch.equal(state["weight"], head.weight * influence.mask)  # it did train
         assert torch.allclose(state["weight"], single.weight, atol=1e-5)
         assert torch.allclose(state["bias"], single.bias, atol=1e-5)
+
+
+def _train_worker(rank, world_size, port, out):
+    from classfilters import Recipe, train_classifier
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = build_model("resnet8", num_classes=10, in_channels=1)
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out}.init.{rank}")
+        train = open_dataset("digits", "train").subset(torch.arange(0, 1437, 3))
+        train_classifier(model, train, Recipe(epochs=2, batch_size=64, lr=0.05, flip=False), device="cpu",
+                         progress=False)
+        torch.save(model.state_dict(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_training_keeps_ranks_identical_and_learns(tmp_path):
+    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path / "model")), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"model.{r}") for r in range(2)]
+    init = torch.load(tmp_path / "model.init.0")
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key  # DDP keeps every rank on the same weights
+    assert not torch.equal(states[0]["body.model.conv1.weight"], init["body.model.conv1.weight"])
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+    model.load_state_dict(states[0])
+    test = open_dataset("digits", "test")
+    phi = extract_features(model, test, use_cache=False, progress=False, device="cpu")
+    assert (model.head(phi).argmax(1) == test.labels).float().mean() > 0.5

@@ -135,3 +135,27 @@ def test_one_pass_for_several_models_equals_each_alone(digits_model):
     for name, model in (("a", digits_model), ("b", other)):
         alone = extract_features(model, test, use_cache=False, progress=False)
         assert torch.allclose(both[name], alone, atol=1e-5)
+
+
+def test_training_out_of_memory_goes_on_in_micro_batches(monkeypatch, capsys):
+    from classfilters import Recipe, build_model, train_classifier
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+    original = model.forward
+    sizes = []
+
+    def small_memory(x):
+        sizes.append(len(x))
+        if len(x) > 20:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(x)
+
+    monkeypatch.setattr(model, "forward", small_memory)
+    train = open_dataset("digits", "train").subset(torch.arange(0, 1437, 4))
+    train_classifier(model, train, Recipe(epochs=3, batch_size=64, lr=0.05, flip=False), device="cpu", progress=False)
+    assert max(s for s in sizes if s <= 20) == 16
+    assert "micro-batches of 16" in capsys.readouterr().err
+    monkeypatch.undo()
+    test = open_dataset("digits", "test")
+    phi = extract_features(model, test, use_cache=False, progress=False, device="cpu")
+    assert (model.head(phi).argmax(1) == test.labels).float().mean() > 0.5

@@ -9,6 +9,7 @@ as the authors), recording accuracy after every epoch, on one process or many (D
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,14 +54,29 @@ def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator
 
 def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe = Recipe(), device=None,
                      seed: int = 0, progress: bool = True) -> nn.Module:
+    """Train in place and return `model` in eval mode.
+
+    Under torchrun each rank takes its share of every batch of one shared order, the model is
+    wrapped in DistributedDataParallel (BatchNorm synchronised on GPUs) and the loss is scaled
+    so that the averaged gradient is the whole batch's. Out of GPU memory, a step is redone in
+    micro-batches of half the size (gradients accumulated), and training goes on, saying so.
+    """
     if split.images is None:
         raise ValueError("train_classifier needs an in-memory split (digits, CIFAR-10)")
     device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    rank, size = world()
+    augment_gen = gen if size == 1 else torch.Generator().manual_seed(seed * 1000 + rank + 1)
     model.to(device).train()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    net = model
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     images, labels = split.images.to(device), split.labels.to(device)
     steps_per_epoch = -(-len(split) // recipe.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True,
@@ -70,21 +86,46 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe = Recip
              if total_steps >= 8 else torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))  # too short to warm up
     bf16 = device.type == "cuda"
     padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8
+    micro = recipe.batch_size
     for _ in tqdm(range(recipe.epochs), desc=f"train {getattr(model, 'name', type(model).__name__)}",
-                  disable=not progress, unit="epoch"):
+                  disable=not progress or rank != 0, unit="epoch"):
         perm = torch.randperm(len(split), generator=gen).to(device)
         for start in range(0, len(split), recipe.batch_size):
-            idx = perm[start:start + recipe.batch_size]
-            x = split.normalize(augment(images[idx], padding, recipe.flip, gen))
+            batch = perm[start:start + recipe.batch_size]
+            mine = batch[len(batch) * rank // size:len(batch) * (rank + 1) // size]
+            x = split.normalize(augment(images[mine], padding, recipe.flip, augment_gen))
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(x), labels[idx], label_smoothing=recipe.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            micro = _train_step(net, opt, x, labels[mine], size / len(batch), micro, recipe, device, bf16)
             sched.step()
+    if size > 1:  # every rank ends with rank 0's BatchNorm statistics: one model, whichever rank saves it
+        import torch.distributed as dist
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     return model.eval()
+
+
+def _train_step(net, opt, x, y, weight, micro, recipe, device, bf16) -> int:
+    """One optimiser step on (x, y) in micro-batches of `micro`; on CUDA out-of-memory, halve and redo."""
+    while True:
+        try:
+            opt.zero_grad(set_to_none=True)
+            for a in range(0, len(x), micro):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = net(x[a:a + micro])
+                loss = F.cross_entropy(logits, y[a:a + micro], label_smoothing=recipe.label_smoothing,
+                                       reduction="sum") * weight
+                loss.backward()
+            opt.step()
+            return micro
+        except torch.cuda.OutOfMemoryError:
+            if micro == 1:
+                raise
+            micro //= 2
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            tqdm.write(f"out of GPU memory: going on with micro-batches of {micro} (gradients accumulated)",
+                       file=sys.stderr)
 
 
 def trained_model(name: str, split: ImageSplit, recipe: Recipe = Recipe(), seed: int = 0, device=None,
@@ -93,7 +134,7 @@ def trained_model(name: str, split: ImageSplit, recipe: Recipe = Recipe(), seed:
     in_channels = split.images.shape[1]
     torch.manual_seed(seed)  # the initial weights are part of the recipe: same seed, same model
     model = build_model(name, num_classes=split.num_classes, in_channels=in_channels)
-    key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed, "init": "seeded",
+    key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed, "init": "seeded", "loss": "sum-scaled",
            "in_channels": in_channels, "classes": split.num_classes}
     if (state := cache.load("models", key)) is not None:
         model.load_state_dict(state)
