@@ -20,10 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import record  # noqa: E402
+from common import record
 
-from classfilters.data import FolderImages  # noqa: E402
-from classfilters.decode import decode_folder_batches  # noqa: E402
+from classfilters.data import FolderImages
+from classfilters.decode import decode_folder_batches
 
 SHARED = Path(os.environ.get("CLASSFILTERS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_of, record  # noqa: E402
+from common import best_of, record
 
-from classfilters import evaluate, grid_accuracy, influential_features  # noqa: E402
+from classfilters import evaluate, grid_accuracy, influential_features
 
 
 def main():

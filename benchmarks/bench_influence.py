@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_of, record  # noqa: E402
+from common import best_of, record
 
-from classfilters.influence import influential_features  # noqa: E402
-from classfilters.reference import influential_features_loop, influential_features_torch_loop  # noqa: E402
+from classfilters.influence import influential_features
+from classfilters.reference import influential_features_loop, influential_features_torch_loop
 
 
 def relu_features(n, d, c, seed=0):

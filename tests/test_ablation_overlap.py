@@ -1,12 +1,12 @@
 """Noise ablation (Table 8) and index-set overlap (Jaccard, mutual information)."""
 import pytest
 import torch
+from conftest import planted
 from sklearn.metrics import mutual_info_score
 from torch import nn
 
 from classfilters import influential_features, jaccard_matrix, mean_pairwise, mutual_information_matrix, noise_ablation
 from classfilters.ablation import non_influential_mask
-from conftest import planted
 
 
 def planted_head(d=32, c=6):

@@ -1,5 +1,4 @@
 """Datasets: digits offline, archives and folders decoded once, clear errors for bad copies."""
-import io
 import tarfile
 
 import pytest
@@ -37,7 +36,7 @@ def test_tree_folder_and_archive_agree_and_are_cached(tmp_path, monkeypatch):
     archive = open_dataset(f"cifar10:{tmp_path / 'tree.tar.gz'}", "train")
     assert folder.classes == archive.classes == ["a", "b"]
     assert torch.equal(folder.images, archive.images) and folder.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    import classfilters.data as data
+    from classfilters import data
     monkeypatch.setattr(data, "_read_tree", lambda *a: pytest.fail("the decoded cache was not used"))
     assert torch.equal(open_dataset(f"cifar10:{tmp_path / 'tree.tar.gz'}", "train").images, archive.images)
 
@@ -66,7 +65,7 @@ def test_missing_corrupt_and_incomplete_datasets(tmp_path):
 
 def test_torchvision_cifar_without_internet_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("CLASSFILTERS_DATA", str(tmp_path))
-    import classfilters.data as data
+    from classfilters import data
     with pytest.raises(DatasetError, match="local copy"):
         data._cifar10_torchvision(tmp_path, "train", download=False)
 

@@ -1,10 +1,10 @@
 """The decomposed head: equals the full head with every index, the grid equals pair-by-pair."""
 import pytest
 import torch
+from conftest import planted
 from torch import nn
 
 from classfilters import DecomposedHead, evaluate, finetune_head, grid_accuracy, influential_features
-from conftest import planted
 
 
 def random_head(d, c, seed=0):

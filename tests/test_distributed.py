@@ -64,10 +64,10 @@ def _finetune_worker(rank, world_size, port, data, out):
 
 
 def test_ddp_finetuning_equals_one_process(tmp_path):
+    from conftest import planted
     from torch import nn
 
     from classfilters import DecomposedHead, finetune_head
-    from conftest import planted
     features, labels = planted(strength=1.0)
     influence = influential_features(features, labels, 3, 3)
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def test_interrupted_extraction_resumes(digits_model, monkeypatch):
     direct = extract_features(digits_model, test, use_cache=False, progress=False)
     streamed = ImageSplit(test.labels, test.classes, "streamed-digits", "streamed-digits-fp",
                           dataset=Exploding(test, fail_at=200), mean=test.mean, std=test.std)
-    import classfilters.features as features
+    from classfilters import features
     monkeypatch.setattr(features, "batches", _serial_batches)
     with pytest.raises(KeyboardInterrupt):
         extract_features(digits_model, streamed, batch_size=50, checkpoint_every=100, progress=False)
@@ -118,7 +118,7 @@ def test_one_pass_for_several_models_equals_each_alone(digits_model):
     reads = []
     streamed = ImageSplit(test.labels, test.classes, "streamed-digits", "streamed-digits-many",
                           dataset=Exploding(test), mean=test.mean, std=test.std)
-    import classfilters.features as features
+    from classfilters import features
 
     def counting(split, batch_size, start=0, stop=None, num_workers=0, device=None):
         for images in _serial_batches(split, batch_size, start, stop):

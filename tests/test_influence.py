@@ -1,11 +1,11 @@
 """Algorithm 1: planted features are found, the vectorised version equals the plain loop."""
 import pytest
 import torch
+from conftest import planted
 
 from classfilters import InfluentialFeatures, influential_features
 from classfilters.influence import class_histograms, mass_mask, topk_indices
 from classfilters.reference import influential_features_loop
-from conftest import planted
 
 
 def test_planted_class_specific_feature_is_recovered():

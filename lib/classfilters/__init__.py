@@ -17,8 +17,29 @@ from .models import CifarResNet, FeatureModel, as_feature_model, build_model, lo
 from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
 from .train import Recipe, finetune_head, train_classifier, trained_model
 
-__all__ = ["noise_ablation", "DatasetError", "ImageSplit", "open_dataset", "DecomposedHead", "accuracy",
-           "evaluate", "grid_accuracy", "extract_features", "extract_features_many", "InfluentialFeatures", "influential_features",
-           "CifarResNet", "FeatureModel", "as_feature_model", "build_model", "load_cifar_resnet",
-           "jaccard_matrix", "mean_pairwise", "mutual_information_matrix", "Recipe", "finetune_head",
-           "train_classifier", "trained_model"]
+__all__ = [
+           "CifarResNet",
+           "DatasetError",
+           "DecomposedHead",
+           "FeatureModel",
+           "ImageSplit",
+           "InfluentialFeatures",
+           "Recipe",
+           "accuracy",
+           "as_feature_model",
+           "build_model",
+           "evaluate",
+           "extract_features",
+           "extract_features_many",
+           "finetune_head",
+           "grid_accuracy",
+           "influential_features",
+           "jaccard_matrix",
+           "load_cifar_resnet",
+           "mean_pairwise",
+           "mutual_information_matrix",
+           "noise_ablation",
+           "open_dataset",
+           "train_classifier",
+           "trained_model",
+]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 
 CACHE_FORMAT = 1  # bump when what is cached changes meaning
 

@@ -62,7 +62,7 @@ class ImageSplit:
         std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
         return (batch.float() / 255 - mean) / std
 
-    def subset(self, index: torch.Tensor) -> "ImageSplit":
+    def subset(self, index: torch.Tensor) -> ImageSplit:
         """The images at `index` (in-memory splits only)."""
         if self.images is None:
             raise ValueError("subset() needs an in-memory split")

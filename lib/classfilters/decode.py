@@ -25,7 +25,8 @@ def decode_resize_crop(blobs: list[torch.Tensor], device: torch.device, resize: 
                        names=None) -> torch.Tensor:
     """uint8 (B, 3, crop, crop) from encoded images: decode (batched for JPEG), resize, centre-crop."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-    from torchvision.transforms.v2.functional import center_crop, resize as resize_image
+    from torchvision.transforms.v2.functional import center_crop
+    from torchvision.transforms.v2.functional import resize as resize_image
 
     is_jpeg = [len(b) > 2 and int(b[0]) == 0xFF and int(b[1]) == 0xD8 for b in blobs]
     images: list[torch.Tensor | None] = [None] * len(blobs)

@@ -65,12 +65,12 @@ class InfluentialFeatures:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InfluentialFeatures":
+    def from_dict(cls, d: dict) -> InfluentialFeatures:
         return cls([list(map(int, i)) for i in d["indices"]], torch.tensor(d["histograms"], dtype=torch.int64),
                    d["k"], d["k_prime"], d.get("rank_by", "value"), d.get("provenance", {}))
 
     @classmethod
-    def load(cls, path: str | Path) -> "InfluentialFeatures":
+    def load(cls, path: str | Path) -> InfluentialFeatures:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

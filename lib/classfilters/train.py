@@ -52,7 +52,7 @@ def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator
     return images
 
 
-def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe = Recipe(), device=None,
+def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None = None, device=None,
                      seed: int = 0, progress: bool = True) -> nn.Module:
     """Train in place and return `model` in eval mode.
 
@@ -61,6 +61,7 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe = Recip
     so that the averaged gradient is the whole batch's. Out of GPU memory, a step is redone in
     micro-batches of half the size (gradients accumulated), and training goes on, saying so.
     """
+    recipe = recipe or Recipe()
     if split.images is None:
         raise ValueError("train_classifier needs an in-memory split (digits, CIFAR-10)")
     device = torch.device(device) if device is not None else default_device()
@@ -128,13 +129,15 @@ def _train_step(net, opt, x, y, weight, micro, recipe, device, bf16) -> int:
                        file=sys.stderr)
 
 
-def trained_model(name: str, split: ImageSplit, recipe: Recipe = Recipe(), seed: int = 0, device=None,
+def trained_model(name: str, split: ImageSplit, recipe: Recipe | None = None, seed: int = 0, device=None,
                   progress: bool = True) -> FeatureModel:
     """`build_model(name)` trained on `split` with `recipe`, from the cache when done before."""
+    recipe = recipe or Recipe()
     in_channels = split.images.shape[1]
     torch.manual_seed(seed)  # the initial weights are part of the recipe: same seed, same model
     model = build_model(name, num_classes=split.num_classes, in_channels=in_channels)
-    key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed, "init": "seeded", "loss": "sum-scaled",
+    key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed,
+           "init": "seeded", "loss": "sum-scaled",
            "in_channels": in_channels, "classes": split.num_classes}
     if (state := cache.load("models", key)) is not None:
         model.load_state_dict(state)
