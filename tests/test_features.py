@@ -79,19 +79,25 @@ def test_nan_features_are_reported():
         check_features(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
 
 
-def test_out_of_memory_backs_off_and_goes_on(digits_model, monkeypatch, capsys):
-    test = open_dataset("digits", "test")
-    direct = extract_features(digits_model, test, use_cache=False, progress=False)
-    original = digits_model.forward_features
+def limit_memory(monkeypatch, model, method, largest):
+    """Make `model.method` raise CUDA out-of-memory above `largest` images; returns the sizes it saw."""
+    original = getattr(model, method)
     sizes = []
 
     def small_memory(x):
         sizes.append(len(x))
-        if len(x) > 40:
+        if len(x) > largest:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(x)
 
-    monkeypatch.setattr(digits_model, "forward_features", small_memory)
+    monkeypatch.setattr(model, method, small_memory)
+    return sizes
+
+
+def test_out_of_memory_backs_off_and_goes_on(digits_model, monkeypatch, capsys):
+    test = open_dataset("digits", "test")
+    direct = extract_features(digits_model, test, use_cache=False, progress=False)
+    sizes = limit_memory(monkeypatch, digits_model, "forward_features", 40)
     backed_off = extract_features(digits_model, test, batch_size=128, use_cache=False, progress=True)
     assert torch.allclose(backed_off, direct, atol=1e-5)
     assert max(s for s in sizes if s <= 40) == 32
@@ -141,16 +147,7 @@ def test_training_out_of_memory_goes_on_in_micro_batches(monkeypatch, capsys):
     from classfilters import Recipe, build_model, train_classifier
     torch.manual_seed(0)
     model = build_model("resnet8", num_classes=10, in_channels=1)
-    original = model.forward
-    sizes = []
-
-    def small_memory(x):
-        sizes.append(len(x))
-        if len(x) > 20:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(x)
-
-    monkeypatch.setattr(model, "forward", small_memory)
+    sizes = limit_memory(monkeypatch, model, "forward", 20)
     train = open_dataset("digits", "train").subset(torch.arange(0, 1437, 4))
     train_classifier(model, train, Recipe(epochs=3, batch_size=64, lr=0.05, flip=False), device="cpu", progress=False)
     assert max(s for s in sizes if s <= 20) == 16
