@@ -1,6 +1,5 @@
 """Two processes (torch.distributed, gloo on the CPU) give exactly what one process gives."""
 import os
-import socket
 
 import pytest
 import torch
@@ -10,16 +9,15 @@ import torch.multiprocessing as mp
 from classfilters import build_model, extract_features, influential_features, open_dataset
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world_size, port, weights, out, cache_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CLASSFILTERS_CACHE=cache_dir)
+def _init(rank, world_size, store):
+    """Join the group through a file store (no TCP port to pick, so no race for one)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+
+
+def _worker(rank, world_size, store, weights, out, cache_dir):
+    os.environ["CLASSFILTERS_CACHE"] = cache_dir
+    _init(rank, world_size, store)
     try:
         model = build_model("resnet8", weights, num_classes=10, in_channels=1)
         split = open_dataset("digits", "test")
@@ -33,7 +31,7 @@ def _worker(rank, world_size, port, weights, out, cache_dir):
 def test_multi_process_extraction_equals_one_process(tmp_path, digits_model, world_size):
     weights = tmp_path / "resnet8.pt"
     torch.save(digits_model.body.model.state_dict(), weights)
-    mp.spawn(_worker, args=(world_size, _free_port(), str(weights), str(tmp_path / "phi"), str(tmp_path / "cache")),
+    mp.spawn(_worker, args=(world_size, str(tmp_path / "store"), str(weights), str(tmp_path / "phi"), str(tmp_path / "cache")),
              nprocs=world_size, join=True)
     split = open_dataset("digits", "test")  # 360 images: slices of 120 or 180, never padded into the result
     single = extract_features(digits_model, split, batch_size=50, device="cpu", use_cache=False, progress=False)
@@ -45,13 +43,11 @@ def test_multi_process_extraction_equals_one_process(tmp_path, digits_model, wor
         influential_features(single, split.labels, 5, 5).indices
 
 
-def _finetune_worker(rank, world_size, port, data, out):
+def _finetune_worker(rank, world_size, store, data, out):
     from torch import nn
 
     from classfilters import DecomposedHead, finetune_head
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    _init(rank, world_size, store)
     try:
         features, labels, mask, weight, bias = torch.load(data)
         head = nn.Linear(weight.shape[1], weight.shape[0])
@@ -73,7 +69,7 @@ def test_ddp_finetuning_equals_one_process(tmp_path):
     torch.manual_seed(0)
     head = nn.Linear(32, 6)
     torch.save((features, labels, influence.mask, head.weight.detach(), head.bias.detach()), tmp_path / "data.pt")
-    mp.spawn(_finetune_worker, args=(2, _free_port(), str(tmp_path / "data.pt"), str(tmp_path / "head")),
+    mp.spawn(_finetune_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "data.pt"), str(tmp_path / "head")),
              nprocs=2, join=True)
     single = DecomposedHead(head, influence)
     finetune_head(single, features, labels, epochs=2, lr=1e-2, batch_size=37)  # 37: uneven shards on purpose
@@ -84,11 +80,9 @@ def test_ddp_finetuning_equals_one_process(tmp_path):
         assert torch.allclose(state["bias"], single.bias, atol=1e-5)
 
 
-def _train_worker(rank, world_size, port, out):
+def _train_worker(rank, world_size, store, out):
     from classfilters import Recipe, train_classifier
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    _init(rank, world_size, store)
     try:
         torch.manual_seed(0)
         model = build_model("resnet8", num_classes=10, in_channels=1)
@@ -102,7 +96,7 @@ def _train_worker(rank, world_size, port, out):
 
 
 def test_ddp_training_keeps_ranks_identical_and_learns(tmp_path):
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path / "model")), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "model")), nprocs=2, join=True)
     states = [torch.load(tmp_path / f"model.{r}") for r in range(2)]
     init = torch.load(tmp_path / "model.init.0")
     for key in states[0]:

@@ -156,3 +156,21 @@ def test_training_out_of_memory_goes_on_in_micro_batches(monkeypatch, capsys):
     test = open_dataset("digits", "test")
     phi = extract_features(model, test, use_cache=False, progress=False, device="cpu")
     assert (model.head(phi).argmax(1) == test.labels).float().mean() > 0.5
+
+
+def test_compiled_training_equals_eager():
+    """`Recipe(compile=True)` (torch.compile; CUDA graphs on a GPU) trains the same model."""
+    from classfilters import Recipe, build_model, train_classifier
+    train = open_dataset("digits", "train").subset(torch.arange(0, 256))
+    states = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model("resnet8", num_classes=10, in_channels=1)
+        recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False, compile=compiled)
+        train_classifier(model, train, recipe, device="cpu", progress=False)
+        states.append(model.state_dict())
+    torch.manual_seed(0)
+    initial = build_model("resnet8", num_classes=10, in_channels=1).state_dict()
+    assert not torch.allclose(states[0]["head.weight"], initial["head.weight"], atol=1e-3)  # it did train
+    for name, value in states[0].items():
+        assert torch.allclose(value.float(), states[1][name].float(), atol=1e-4), name

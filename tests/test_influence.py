@@ -6,6 +6,7 @@ from conftest import planted
 from classfilters import InfluentialFeatures, influential_features
 from classfilters.influence import class_histograms, mass_mask, topk_indices
 from classfilters.reference import influential_features_loop
+from classfilters.topk_cpu import topk_rows_cpu
 
 
 def test_planted_class_specific_feature_is_recovered():
@@ -49,9 +50,47 @@ def test_ties_go_to_the_lower_index():
 
 def test_chunking_does_not_change_histograms():
     features, labels = planted(seed=3)
-    a, _ = class_histograms(features, labels, 6, 5, chunk_size=7)
-    b, _ = class_histograms(features, labels, 6, 5)
-    assert torch.equal(a, b)
+    # float64 takes the chunked torch path; float32 the CPU kernel, which must agree with it
+    a, _ = class_histograms(features.double(), labels, 6, 5, chunk_size=7)
+    b, _ = class_histograms(features.double(), labels, 6, 5)
+    c, _ = class_histograms(features, labels, 6, 5)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("n,d,k", [(300, 64, 5), (200, 100, 16), (200, 2048, 50), (100, 47, 20),
+                                   (50, 30, 30), (50, 33, 1), (7, 20, 17)])
+def test_cpu_kernel_equals_torch_topk(compress, n, d, k):
+    """The numba kernel (both compaction paths) against `torch.topk` + the tie fix-up, on spread
+    values, on small integers (ties everywhere) and on signed values (ranked by magnitude)."""
+    gen = torch.Generator().manual_seed(n + d + k)
+    for features in (torch.relu(torch.randn(n, d, generator=gen)), torch.randint(0, 3, (n, d), generator=gen).float(),
+                     torch.randn(n, d, generator=gen)):
+        top, nonfinite, negative = topk_rows_cpu(features, k, compress)
+        expected = topk_indices(features.abs(), k).sort(1).values
+        assert torch.equal(torch.from_numpy(top).long(), expected)
+        assert not nonfinite.any() and negative.tolist() == (features < 0).any(1).tolist()
+
+
+def test_cpu_kernel_flags_nonfinite_rows_and_ties_signed_zero():
+    features = torch.tensor([[1.0, 2.0, 3.0], [1.0, float("nan"), 0.0], [float("-inf"), 0.0, 1.0],
+                             [-0.0, 0.0, -0.0], [0.5, -0.0, 0.0]])
+    top, nonfinite, negative = topk_rows_cpu(features, 2)
+    assert nonfinite.tolist() == [False, True, True, False, False]
+    assert not negative[[0, 3, 4]].any()  # -0.0 is not negative
+    assert top[3].tolist() == [0, 1] and top[4].tolist() == [0, 1]  # -0.0 ties with 0.0: lower index first
+    with pytest.raises(ValueError, match="2 rows hold NaN or inf"):
+        influential_features(features, torch.tensor([0, 1, 0, 1, 0]), 2, 2)
+
+
+def test_value_ranking_of_signed_features_leaves_the_kernel():
+    gen = torch.Generator().manual_seed(9)
+    features = torch.randn(200, 24, generator=gen)
+    labels = torch.randint(0, 3, (200,), generator=gen)
+    by_value = influential_features(features, labels, 4, 4, rank_by="value")
+    assert by_value.rank_by == "value"
+    shifted = features - features.min()  # non-negative, same order of values in every row
+    assert by_value.indices == influential_features_loop(shifted.numpy(), labels.numpy(), 4, 4, 3)
 
 
 def test_fractions_of_mass():

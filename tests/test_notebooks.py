@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from classfilters import runner
+from classfilters import evaluate, extract_features, influential_features, open_dataset, runner
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -33,8 +33,13 @@ def execute(tmp_path, profile, overrides, only=None):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return execute(tmp_path_factory.mktemp("tiny"), "demo", TINY)
+def tiny(tmp_path_factory, digits_model):
+    """The demo notebooks on TINY, plus `resnet8@saved`: a saved ResNet-8 beside the one trained here."""
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.save(digits_model.body.model.state_dict(), folder / "resnet8.pt")
+    overrides = {**TINY, "models": [*TINY["models"], "resnet8@saved"],
+                 "checkpoints": {"resnet8@saved": str(folder / "resnet8.pt")}}
+    return execute(folder, "demo", overrides)
 
 
 def table(folder, name):
@@ -84,14 +89,20 @@ def test_k_sweep_relations(tiny):
     assert len(table(tiny, "fig3_best_k_per_k_prime")) == 7
 
 
-def test_depth_study_table(tiny):
+def test_depth_study_table(tiny, digits_model):
     depth = table(tiny, "table2-6_depth_study")
-    assert list(depth.model) == ["resnet8", "resnet14"] and (depth.D == 64).all() and (depth.C == 10).all()
+    assert list(depth.model) == ["resnet8", "resnet14", "resnet8@saved"]
+    assert list(depth.family) == ["ResNet (CIFAR)", "ResNet (CIFAR)", "ResNet (CIFAR), saved"]
+    assert (depth.D == 64).all() and (depth.C == 10).all()
+    train, test = open_dataset("digits", "train"), open_dataset("digits", "test")  # resnet8@saved is the saved model
+    influence = influential_features(extract_features(digits_model, train, progress=False), train.labels, 5, 5)
+    saved = evaluate(digits_model.head, influence, extract_features(digits_model, test, progress=False), test.labels)
+    assert depth.acc_full[2] == pytest.approx(saved["acc_full"]) and depth.acc_decomposed[2] == pytest.approx(saved["acc_decomposed"])
     assert np.allclose(depth["k'/D"], 5 / 64) and np.allclose(depth["k'/C"], 0.5)
     assert np.allclose(depth.relative, depth.acc_decomposed / depth.acc_full)
     assert (depth.acc_full > 0.5).all() and depth.relative.between(0.3, 1.2).all()
     curves = table(tiny, "fig4_relative_vs_k")
-    assert set(curves.model) == {"resnet8", "resnet14"} and (curves.k == curves.k_prime).all()
+    assert set(curves.model) == {"resnet8", "resnet14", "resnet8@saved"} and (curves.k == curves.k_prime).all()
 
 
 def test_retrain_tables(tiny):
@@ -183,3 +194,19 @@ def test_runner_picks_notebooks_and_parses_overrides():
         runner.pick(NOTEBOOKS, "nothing")
     assert runner.parse_set(["k=10", "train.epochs=2", "models=[resnet8]"]) == \
         {"k": 10, "train": {"epochs": 2}, "models": ["resnet8"]}
+
+
+def test_tagged_model_needs_a_checkpoint(tmp_path):
+    from classfilters import study
+    S = study.open_study("demo", {"name": "t"}, tmp_path)
+    with pytest.raises(ValueError, match="has a tag but no entry under `checkpoints`"):
+        S.build("resnet8@elsewhere")
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO / "profiles").glob("*.yaml")))
+def test_every_profile_loads(profile):
+    from classfilters.study import load_profile
+    values = load_profile(profile)
+    assert values["name"] == profile and values["model"] in values["models"]
+    for name in values["models"]:
+        assert "@" not in name or name in values["checkpoints"], f"{profile}: {name} has no checkpoint"

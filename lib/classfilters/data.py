@@ -12,6 +12,7 @@ and returns an `ImageSplit`. Small datasets are held in memory as one uint8 tens
 """
 from __future__ import annotations
 
+import functools
 import os
 import tarfile
 import zlib
@@ -31,6 +32,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 class DatasetError(RuntimeError):
     """A dataset that is missing, corrupt or laid out in a way we cannot read."""
+
+
+@functools.cache
+def channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, C, 1, 1) mean and std on `device`, made once: copying them from the host every batch
+    would make the GPU wait for the host at every step."""
+    return torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1)
 
 
 @dataclass
@@ -58,8 +66,7 @@ class ImageSplit:
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) -> float, scaled to [0, 1] and standardised."""
-        mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
+        mean, std = channel_stats(tuple(self.mean), tuple(self.std), batch.device)
         return (batch.float() / 255 - mean) / std
 
     def subset(self, index: torch.Tensor) -> ImageSplit:

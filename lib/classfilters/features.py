@@ -129,11 +129,12 @@ def _extract_slice(models, split, start, stop, keys, batch_size, device, bf16, u
         x = split.normalize(images.to(device, non_blocking=True))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        for name, m in models.items():
-            pending[name].append(_forward_with_backoff(m, x, device, bf16, bar))
+        for name, m in models.items():  # copied out without waiting: the GPU runs ahead of the host
+            pending[name].append(_forward_with_backoff(m, x, device, bf16, bar).to("cpu", non_blocking=True))
         in_pending += len(images)
         bar.update(len(images))
         if use_cache and in_pending >= checkpoint_every:
+            _wait_for_copies(device)
             for name in models:
                 part = torch.cat(pending[name])
                 cache.save("features-part", {**keys[name], "part": len(done[name])}, {"features": part})
@@ -141,16 +142,24 @@ def _extract_slice(models, split, start, stop, keys, batch_size, device, bf16, u
                 pending[name] = []
             in_pending = 0
     bar.close()
+    _wait_for_copies(device)
     features = {name: torch.cat(done[name] + pending[name]) if (done[name] or pending[name])
                 else torch.empty(0, m.num_features) for name, m in models.items()}
     return features, len(any_done)
 
 
+def _wait_for_copies(device) -> None:
+    """The non-blocking device-to-host copies of the features are complete after this."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _forward_with_backoff(model, x, device, bf16, bar) -> torch.Tensor:
-    """phi for one normalised batch; on CUDA out-of-memory, the batch is done in halves (recursively)."""
+    """phi for one normalised batch, float32 on `device`; on CUDA out-of-memory, the batch is done
+    in halves (recursively)."""
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return model.forward_features(x).float().cpu()
+            return model.forward_features(x).float()
     except torch.cuda.OutOfMemoryError:
         if len(x) == 1:
             raise
@@ -174,15 +183,23 @@ def _gather_in_order(local: torch.Tensor, n: int, device) -> torch.Tensor:
     return torch.cat([g[:s].cpu() for g, s in zip(gathered, sizes)])
 
 
-def check_features(features: torch.Tensor, what: str = "features") -> tuple[float, float]:
-    """Refuse anything but finite (N, D) features; return their smallest and largest value (one pass)."""
+def check_shape(features: torch.Tensor, what: str = "features") -> None:
     if features.dim() != 2:
         raise ValueError(f"{what}: features must be (N, D), got shape {tuple(features.shape)}")
+
+
+def nonfinite_error(what: str, bad_rows: torch.Tensor) -> ValueError:
+    """The error for features with NaN or inf in the rows `bad_rows` (indices)."""
+    return ValueError(f"{what}: {len(bad_rows)} rows hold NaN or inf (first rows {bad_rows[:5].tolist()}); "
+                      "check the checkpoint and the input normalisation, or use fp32 instead of bf16")
+
+
+def check_features(features: torch.Tensor, what: str = "features") -> tuple[float, float]:
+    """Refuse anything but finite (N, D) features; return their smallest and largest value (one pass)."""
+    check_shape(features, what)
     if not features.numel():
         return 0.0, 0.0
     lowest, highest = (v.item() for v in torch.aminmax(features))
     if not (math.isfinite(lowest) and math.isfinite(highest)):  # NaN propagates through min and max
-        bad = (~torch.isfinite(features)).any(1).nonzero().flatten()
-        raise ValueError(f"{what}: {len(bad)} rows hold NaN or inf (first rows {bad[:5].tolist()}); "
-                         "check the checkpoint and the input normalisation, or use fp32 instead of bf16")
+        raise nonfinite_error(what, (~torch.isfinite(features)).any(1).nonzero().flatten())
     return lowest, highest

@@ -6,9 +6,9 @@ k' most frequent indices of H_c. Ties are broken toward the lower index at both 
 k and k' can also be fractions in (0, 1): the fewest components covering that fraction of
 an instance's activation mass (k), or of a class histogram's mass (k').
 
-No Python loop runs over images or classes: per chunk of rows, one top-k (a numba kernel on
-the CPU, see topk_cpu.py; `torch.topk` plus a fix-up of rows whose ties straddle the k-th
-value elsewhere) and one `bincount`.
+No Python loop runs over images or classes: on the CPU one numba kernel (topk_cpu.py) finds
+every row's top k and checks the features on the way; elsewhere, per chunk of rows, one
+`torch.topk` (plus a fix-up of rows whose ties straddle the k-th value) and one `bincount`.
 `reference.py` holds the plain loop this must equal.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .features import check_features
-from .topk_cpu import topk_indices_cpu
+from .features import check_features, check_shape, nonfinite_error
+from .topk_cpu import class_histograms_cpu
 
 Size = int | float  # an int count, or a float fraction of mass in (0, 1]
 
@@ -84,12 +84,16 @@ def check_size(value: Size, limit: int, name: str) -> None:
         raise ValueError(f"{name}={value} is out of range: a fraction of mass must lie in (0, 1]")
 
 
+def check_rank_by(rank_by: str) -> None:
+    if rank_by not in ("auto", "value", "magnitude"):
+        raise ValueError(f"rank_by must be 'auto', 'value' or 'magnitude', got {rank_by!r}")
+
+
 def resolve_rank_by(features: torch.Tensor, rank_by: str = "auto") -> str:
     """"value" for non-negative features (ReLU + pooling), "magnitude" when any is negative."""
+    check_rank_by(rank_by)
     if rank_by == "auto":
         return "magnitude" if features.numel() and features.min() < 0 else "value"
-    if rank_by not in ("value", "magnitude"):
-        raise ValueError(f"rank_by must be 'auto', 'value' or 'magnitude', got {rank_by!r}")
     return rank_by
 
 
@@ -119,19 +123,34 @@ def mass_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, ranks < count)
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # exact as float32 keys
+
+
 def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: int, k: Size,
-                     rank_by: str = "auto", chunk_size: int = 65536) -> tuple[torch.Tensor, str]:
-    """H (C, D) int64: how often each index is among an image's top k, per class."""
+                     rank_by: str = "auto", chunk_size: int = 65536,
+                     what: str = "features") -> tuple[torch.Tensor, str]:
+    """H (C, D) int64: how often each index is among an image's top k, per class; and the
+    ranking used. Features holding NaN or inf are refused."""
+    check_shape(features, what)
+    check_rank_by(rank_by)
     n, d = features.shape
-    rank_by = resolve_rank_by(features, rank_by)
+    if isinstance(k, int) and features.device.type == "cpu" and features.dtype in KERNEL_DTYPES:
+        histograms, nonfinite, negative = class_histograms_cpu(features, labels.cpu(), num_classes, k)
+        if nonfinite.any():
+            raise nonfinite_error(what, nonfinite.nonzero().flatten())
+        if rank_by == "auto":
+            rank_by = "magnitude" if negative else "value"
+        if not (rank_by == "value" and negative):  # the kernel ranks by magnitude
+            return histograms, rank_by
+    lowest, _ = check_features(features, what)
+    if rank_by == "auto":
+        rank_by = "magnitude" if lowest < 0 else "value"
     counts = torch.zeros(num_classes * d, dtype=torch.int64, device=features.device)
     for start in range(0, n, chunk_size):
         scores = features[start:start + chunk_size]
         scores = scores.abs() if rank_by == "magnitude" else scores
         y = labels[start:start + chunk_size].to(features.device)
-        if isinstance(k, int) and scores.device.type == "cpu":  # the kernel adds the class offsets itself
-            flat = topk_indices_cpu(scores, k, offsets=y * d).flatten()
-        elif isinstance(k, int):
+        if isinstance(k, int):
             flat = (y[:, None] * d + topk_indices(scores, k)).flatten()
         else:
             rows, cols = mass_mask(scores, k).nonzero(as_tuple=True)
@@ -142,9 +161,11 @@ def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 def select_indices(histograms: torch.Tensor, k_prime: Size) -> list[list[int]]:
     """I_c: the k' most frequent indices of each row (lower index first among equal counts)."""
+    d = histograms.shape[1]
+    if isinstance(k_prime, int):  # one key per entry: the count, then the lower index
+        key = histograms.long() * d + torch.arange(d - 1, -1, -1, device=histograms.device)
+        return key.topk(k_prime, dim=1).indices.tolist()
     counts, order = torch.sort(histograms, dim=1, descending=True, stable=True)
-    if isinstance(k_prime, int):
-        return order[:, :k_prime].tolist()
     cum = counts.cumsum(1).double()
     sizes = ((cum < k_prime * cum[:, -1:]).sum(1) + 1).clamp(max=histograms.shape[1]).tolist()
     return [row[:s] for row, s in zip(order.tolist(), sizes)]
@@ -154,9 +175,8 @@ def influential_features(features: torch.Tensor, labels: torch.Tensor, k: Size =
                          num_classes: int | None = None, rank_by: str = "auto",
                          provenance: dict | None = None) -> InfluentialFeatures:
     """Algorithm 1 on training features (N, D) with labels (N,)."""
-    lowest, _ = check_features(features, "training features")
-    if rank_by == "auto":
-        rank_by = "magnitude" if lowest < 0 else "value"
+    check_shape(features, "training features")
+    check_rank_by(rank_by)
     labels = torch.as_tensor(labels).long()
     if labels.shape != (features.shape[0],):
         raise ValueError(f"labels have shape {tuple(labels.shape)} but there are {features.shape[0]} feature rows")
@@ -171,6 +191,6 @@ def influential_features(features: torch.Tensor, labels: torch.Tensor, k: Size =
     d = features.shape[1]
     check_size(k, d, "k")
     check_size(k_prime, d, "k'")
-    histograms, rank_by = class_histograms(features, labels, num_classes, k, rank_by)
+    histograms, rank_by = class_histograms(features, labels, num_classes, k, rank_by, what="training features")
     info = {"num_train": int(features.shape[0]), **(provenance or {})}
     return InfluentialFeatures(select_indices(histograms.cpu(), k_prime), histograms.cpu(), k, k_prime, rank_by, info)

@@ -1,6 +1,6 @@
 """What the paper notebooks share: a profile's settings, its models with cached features, and saving results.
 
-A profile is a small YAML file in `profiles/` (demo, cifar10, imagenet); `extends: <name>`
+A profile is a small YAML file in `profiles/` (demo, cifar10-shared, cifar10, imagenet); `extends: <name>`
 inherits another profile, and `${VAR:-default}` in a string is read from the environment.
 The notebooks stay free of logic by calling this module:
 
@@ -12,6 +12,8 @@ The notebooks stay free of logic by calling this module:
 Models come from the shared checkpoints (`checkpoints`), torchvision weights
 (`weights: pretrained`), random weights (`weights: random`, for tests) or are trained by
 the library (`weights: train`, cached); features are extracted once and cached on disk.
+A model name may carry a tag after `@` ("resnet20@shared"): the architecture is the part
+before it, so one profile can hold a checkpoint and a freshly trained model of the same kind.
 """
 from __future__ import annotations
 
@@ -107,8 +109,19 @@ def limit(split: ImageSplit, n: int | None, seed: int = 0) -> ImageSplit:
                       std=split.std, meta=split.meta)
 
 
+def architecture(name: str) -> str:
+    """The model to build for a profile's model name: "resnet20@shared" -> "resnet20"."""
+    return name.split("@", 1)[0]
+
+
 def family(name: str) -> str:
-    """The paper's model families: its tables group the depth study by these."""
+    """The paper's model families: its tables group the depth study by these (plus any `@tag`)."""
+    name, _, tag = name.partition("@")
+    label = base_family(name)
+    return f"{label}, {tag}" if tag else label
+
+
+def base_family(name: str) -> str:
     for prefix, label in (("wide_resnet", "Wide ResNet"), ("densenet", "DenseNet"),
                           ("efficientnet", "EfficientNet"), ("timm:", "timm")):
         if name.startswith(prefix):
@@ -168,15 +181,19 @@ class Study:
         checkpoints = self.get("checkpoints") or {}
         weights = self.get("weights", "train")
         in_channels = train.images.shape[1] if train.images is not None else 3
+        arch = architecture(name)
         if name in checkpoints:
-            return build_model(name, resolve(checkpoints[name]), num_classes=train.num_classes, in_channels=in_channels)
+            return build_model(arch, resolve(checkpoints[name]), num_classes=train.num_classes, in_channels=in_channels)
+        if "@" in name:
+            raise ValueError(f"model {name!r} has a tag but no entry under `checkpoints`: list its weights file "
+                             f"there, or drop the tag to have it {weights}")
         if weights in ("pretrained", "random"):
             torch.manual_seed(self.get("seed", 0))
             num_classes = None if weights == "pretrained" else train.num_classes
-            return build_model(name, num_classes=num_classes, in_channels=in_channels, pretrained=weights == "pretrained")
+            return build_model(arch, num_classes=num_classes, in_channels=in_channels, pretrained=weights == "pretrained")
         if weights != "train":
             raise ValueError(f"weights must be train, pretrained or random (or list the model under checkpoints), got {weights!r}")
-        return trained_model(name, train, self.recipe(), seed=self.get("seed", 0), device=self.get("device"),
+        return trained_model(arch, train, self.recipe(), seed=self.get("seed", 0), device=self.get("device"),
                              progress=self.get("progress", False))
 
     def recipe(self) -> Recipe:
