@@ -1,4 +1,8 @@
 """Algorithm 1: planted features are found, the vectorised version equals the plain loop."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import planted
@@ -132,3 +136,43 @@ def test_class_without_images_and_nan_features():
         influential_features(features, labels, 3, 3)
     with pytest.raises(ValueError, match="labels have shape"):
         influential_features(features[10:], labels, 3, 3)
+
+
+GPU_KERNEL_CHECK = """
+import torch
+from classfilters.topk_cpu import class_histograms_cpu
+from classfilters.topk_gpu import class_histograms_gpu
+gen = torch.Generator().manual_seed(0)
+for n, d, k, c in ((40, 100, 7, 3), (30, 64, 5, 4), (20, 33, 33, 2), (20, 47, 1, 5), (10, 300, 50, 3)):
+    labels = torch.randint(0, c, (n,), generator=gen)
+    for x in (torch.relu(torch.randn(n, d, generator=gen)), torch.randint(0, 3, (n, d), generator=gen).float(),
+              torch.randn(n, d, generator=gen)):
+        gpu, cpu = class_histograms_gpu(x, labels, c, k), class_histograms_cpu(x, labels, c, k)
+        assert torch.equal(gpu[0], cpu[0]) and torch.equal(gpu[1], cpu[1]) and gpu[2] == cpu[2], (n, d, k)
+x = torch.tensor([[1.0, 2.0, 3.0], [1.0, float("nan"), 0.0], [float("inf"), 0.0, 1.0], [-0.0, 0.0, -0.0]])
+hist, nonfinite, negative = class_histograms_gpu(x, torch.tensor([0, 1, 0, 1]), 2, 2)
+assert nonfinite.tolist() == [False, True, True, False] and not negative
+assert hist.tolist() == [[0, 1, 1], [1, 1, 0]]  # -0.0 ties with 0.0: the lower indices
+"""
+
+
+def test_gpu_kernel_equals_cpu_kernel_in_the_triton_interpreter():
+    """The Triton kernel, run on the CPU by Triton's interpreter, against the numba kernel."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", GPU_KERNEL_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_influence_on_the_gpu_equals_the_cpu():
+    gen = torch.Generator().manual_seed(11)
+    labels = torch.randint(0, 20, (5000,), generator=gen)
+    labels[:20] = torch.arange(20)
+    for features in (torch.relu(torch.randn(5000, 2048, generator=gen)), torch.randint(0, 4, (5000, 640), generator=gen).float(),
+                     torch.randn(5000, 100, generator=gen)):
+        for k, kp in ((50, 50), (5, 3), (0.5, 0.9)):
+            gpu = influential_features(features.cuda(), labels.cuda(), k, kp)
+            cpu = influential_features(features, labels, k, kp)
+            assert gpu.indices == cpu.indices and torch.equal(gpu.histograms, cpu.histograms) and gpu.rank_by == cpu.rank_by

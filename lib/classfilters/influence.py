@@ -6,9 +6,10 @@ k' most frequent indices of H_c. Ties are broken toward the lower index at both 
 k and k' can also be fractions in (0, 1): the fewest components covering that fraction of
 an instance's activation mass (k), or of a class histogram's mass (k').
 
-No Python loop runs over images or classes: on the CPU one numba kernel (topk_cpu.py) finds
-every row's top k and checks the features on the way; elsewhere, per chunk of rows, one
-`torch.topk` (plus a fix-up of rows whose ties straddle the k-th value) and one `bincount`.
+No Python loop runs over images or classes: on the CPU one numba kernel (topk_cpu.py), on a
+GPU one Triton kernel (topk_gpu.py), finds every row's top k and checks the features on the
+way; otherwise (fractions of mass, no Triton, float64), per chunk of rows, one `torch.topk` (plus
+a fix-up of rows whose ties straddle the k-th value) or a sort, and one `bincount`.
 `reference.py` holds the plain loop this must equal.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import topk_gpu
 from .features import check_features, check_shape, nonfinite_error
 from .topk_cpu import class_histograms_cpu
 
@@ -134,8 +136,10 @@ def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     check_shape(features, what)
     check_rank_by(rank_by)
     n, d = features.shape
-    if isinstance(k, int) and features.device.type == "cpu" and features.dtype in KERNEL_DTYPES:
-        histograms, nonfinite, negative = class_histograms_cpu(features, labels.cpu(), num_classes, k)
+    on_cpu = features.device.type == "cpu"
+    if isinstance(k, int) and features.dtype in KERNEL_DTYPES and (on_cpu or topk_gpu.available(features)):
+        kernel = class_histograms_cpu if on_cpu else topk_gpu.class_histograms_gpu
+        histograms, nonfinite, negative = kernel(features, labels, num_classes, k)
         if nonfinite.any():
             raise nonfinite_error(what, nonfinite.nonzero().flatten())
         if rank_by == "auto":
@@ -193,4 +197,4 @@ def influential_features(features: torch.Tensor, labels: torch.Tensor, k: Size =
     check_size(k_prime, d, "k'")
     histograms, rank_by = class_histograms(features, labels, num_classes, k, rank_by, what="training features")
     info = {"num_train": int(features.shape[0]), **(provenance or {})}
-    return InfluentialFeatures(select_indices(histograms.cpu(), k_prime), histograms.cpu(), k, k_prime, rank_by, info)
+    return InfluentialFeatures(select_indices(histograms, k_prime), histograms.cpu(), k, k_prime, rank_by, info)

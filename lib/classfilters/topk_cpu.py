@@ -209,5 +209,5 @@ def class_histograms_cpu(features: torch.Tensor, labels: torch.Tensor, num_class
     hold inf/NaN (left out of H) and whether any entry is negative."""
     top, nonfinite, negative = topk_rows_cpu(features, k, compress)
     histograms = np.zeros((num_classes, features.shape[1]), np.int64)
-    _add_to_histograms(top, labels.numpy().astype(np.int64), nonfinite, histograms)
+    _add_to_histograms(top, labels.cpu().numpy().astype(np.int64), nonfinite, histograms)
     return torch.from_numpy(histograms), torch.from_numpy(nonfinite), bool(negative.any())
