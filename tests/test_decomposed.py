@@ -76,3 +76,26 @@ def test_finetuning_keeps_the_decomposition_and_recovers_accuracy():
     bumped[:, outside] += 5.0
     with torch.no_grad():
         assert torch.equal(decomposed(bumped)[:, 0], decomposed(features)[:, 0])
+
+
+def test_whole_network_finetuning_keeps_the_decomposition(digits_model):
+    """finetune_network: body and decomposed head trained together; the head stays decomposed."""
+    import copy
+
+    from classfilters import Recipe, extract_features, finetune_network, open_dataset
+    train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
+    model = copy.deepcopy(digits_model)
+    influence = influential_features(extract_features(model, train, progress=False), train.labels, 3, 3)
+    before = evaluate(model.head, influence, extract_features(model, test, progress=False), test.labels)
+    body_before = [p.detach().clone() for p in model.body.parameters()]
+    finetune_network(model, influence, train, Recipe(epochs=3, batch_size=64, lr=0.02, flip=False), device="cpu",
+                     progress=False)
+    assert isinstance(model.head, DecomposedHead) and torch.equal(model.head.mask, influence.mask)
+    assert any(not torch.equal(a, b) for a, b in zip(body_before, model.body.parameters()))  # the body trained too
+    phi = extract_features(model, test, use_cache=False, progress=False)
+    with torch.no_grad():
+        logits = model.head(phi)
+        bumped = phi.clone()
+        bumped[:, ~influence.mask[0]] += 5.0
+        assert torch.equal(model.head(bumped)[:, 0], logits[:, 0])  # class 0 still reads only I_0
+    assert (logits.argmax(1) == test.labels).float().mean() > before["acc_decomposed"]  # retraining recovers accuracy

@@ -15,7 +15,7 @@ from .features import extract_features, extract_features_many
 from .influence import InfluentialFeatures, influential_features
 from .models import CifarResNet, FeatureModel, as_feature_model, build_model, load_cifar_resnet
 from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
-from .train import Recipe, finetune_head, train_classifier, trained_model
+from .train import Recipe, finetune_head, finetune_network, train_classifier, trained_model
 
 __all__ = [
            "CifarResNet",
@@ -32,6 +32,7 @@ __all__ = [
            "extract_features",
            "extract_features_many",
            "finetune_head",
+           "finetune_network",
            "grid_accuracy",
            "influential_features",
            "jaccard_matrix",

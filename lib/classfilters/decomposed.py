@@ -17,19 +17,21 @@ from tqdm.auto import tqdm
 from .influence import InfluentialFeatures, resolve_rank_by
 
 
-class DecomposedHead(nn.Module):
-    """A linear head restricted, class by class, to the index sets I_c."""
+class DecomposedHead(nn.Linear):
+    """A linear head restricted, class by class, to the index sets I_c. It is an `nn.Linear`
+    (whose weight is multiplied by the mask in every forward), so it can replace a
+    `FeatureModel`'s head and be trained with the whole network (`train.finetune_network`)."""
 
     def __init__(self, head: nn.Linear, influence: InfluentialFeatures | torch.Tensor):
-        super().__init__()
         mask = influence.mask if isinstance(influence, InfluentialFeatures) else influence.bool()
         if mask.shape != head.weight.shape:
             raise ValueError(f"index sets cover {tuple(mask.shape)} (classes, features) but the head is "
                              f"{tuple(head.weight.shape)}: they were computed for another model")
+        super().__init__(head.in_features, head.out_features, device=head.weight.device, dtype=head.weight.dtype)
         self.register_buffer("mask", mask.to(head.weight.device))
-        self.weight = nn.Parameter(head.weight.detach().clone() * self.mask)
-        self.bias = nn.Parameter(head.bias.detach().clone() if head.bias is not None
-                                 else torch.zeros(head.out_features, device=head.weight.device))
+        with torch.no_grad():
+            self.weight.copy_(head.weight * self.mask)
+            self.bias.copy_(head.bias if head.bias is not None else torch.zeros_like(self.bias))
 
     @property
     def multiply_adds(self) -> int:

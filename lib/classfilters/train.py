@@ -157,6 +157,15 @@ def trained_model(name: str, split: ImageSplit, recipe: Recipe | None = None, se
     return model.cpu().eval()
 
 
+def finetune_network(model: FeatureModel, influence, split: ImageSplit, recipe: Recipe | None = None, device=None,
+                     seed: int = 0, progress: bool = True) -> FeatureModel:
+    """§5.2.3 on the whole network: the head replaced by its decomposition (masked weights that
+    stay masked), then body and head trained together by `train_classifier` (data and
+    augmentation on the device). Returns `model`, in eval mode, with the `DecomposedHead`."""
+    model.head = DecomposedHead(model.head, influence)
+    return train_classifier(model, split, recipe, device, seed, progress)
+
+
 def finetune_head(head: DecomposedHead, features: torch.Tensor, labels: torch.Tensor, epochs: int = 1,
                   lr: float = 1e-4, batch_size: int = 128, seed: int = 0, eval_features=None,
                   eval_labels=None) -> list[dict]:
