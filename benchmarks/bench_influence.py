@@ -51,6 +51,14 @@ def main():
         rows.append({"scale": scale, "rows": n, "D": d, "classes": c, "k": k, "device": device.type, "ours_s": ours,
                      **{f"{name}_s": t for name, t in loops.items()},
                      **{f"speedup_vs_{name}": t / ours for name, t in loops.items()}})
+        if device.type == "cuda":  # the Triton kernel alone, for each number of warps per row
+            from classfilters.topk_gpu import class_histograms_gpu
+            for warps in (1, 2, 4, 8):
+                kernel = best_of(lambda: class_histograms_gpu(*ours_in, c, k, num_warps=warps), sync=sync)
+                rows.append({"scale": scale, "rows": n, "D": d, "k": k, "kernel_num_warps": warps, "kernel_s": kernel})
+            plain = best_of(lambda: torch.bincount((ours_in[1][:, None] * d + ours_in[0].topk(k, 1).indices).flatten(),
+                                                   minlength=c * d), sync=sync)
+            rows.append({"scale": scale, "rows": n, "D": d, "k": k, "plain_topk_bincount_s": plain})
     record("influence", rows)
 
 

@@ -16,7 +16,8 @@ def test_results_do_not_depend_on_batch_size(digits_model):
     assert ia.indices == ib.indices
 
 
-def test_cache_is_reused_and_never_stale(digits_model):
+def test_cache_is_reused_and_never_stale(digits_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path))  # an empty cache, whatever ran before
     test = open_dataset("digits", "test")
     calls = []
     hook = digits_model.body.register_forward_hook(lambda *a: calls.append(1))

@@ -52,11 +52,12 @@ def available(features: torch.Tensor) -> bool:
     return triton is not None and features.is_cuda
 
 
-def class_histograms_gpu(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                         k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def class_histograms_gpu(features: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int,
+                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """H (C, D) int64 ranked by magnitude (by value for non-negative features), the rows that
     hold inf/NaN (left out of H) and whether any entry is negative; all on the features' device.
-    Half-precision features are ranked as float32 (exactly)."""
+    Half-precision features are ranked as float32 (exactly). `num_warps` per row: by default
+    one warp per 2048 entries, so that each count is a warp's shuffles with no block barrier."""
     features = features.float().contiguous()
     n, d = features.shape
     histograms = torch.zeros(num_classes, d, dtype=torch.int32, device=features.device)
@@ -64,5 +65,6 @@ def class_histograms_gpu(features: torch.Tensor, labels: torch.Tensor, num_class
     if n:
         block = triton.next_power_of_2(d)
         _class_histograms_kernel[(n,)](features, labels.to(features.device).contiguous(), histograms, flags, d,
-                                       features.stride(0), k, BLOCK=block, num_warps=max(1, min(16, block // 256)))
+                                       features.stride(0), k, BLOCK=block,
+                                       num_warps=num_warps or max(1, min(16, block // 2048)))
     return histograms.long(), (flags & 1).bool(), bool((flags & 2).any())
