@@ -3,9 +3,11 @@ full sort of every feature vector), at CIFAR scale (50,000 x 64, 10 classes, k =
 ImageNet scale (1,281,167 x 2048, 1000 classes, k = k' = 50; a 200,000-row slice on the CPU).
 Baselines: that loop in PyTorch (one `torch.sort` per image, the authors' style) and in numpy
 (`np.argsort` per image); all run in this process on the same random ReLU features, must agree
-exactly, and the printed ratios are baseline / ours.
+exactly, and the printed ratios are baseline / ours. `--loop-rows N` times the loops on the first
+N rows only (checked against ours on the same rows) and scales their time by rows / N: the loops
+cost the same per row, and the full ImageNet-scale loops take minutes.
 
-    python benchmarks/bench_influence.py [--rows 200000] [--device cuda]
+    python benchmarks/bench_influence.py [--rows 200000] [--loop-rows 100000] [--device cuda]
 """
 import argparse
 import sys
@@ -31,6 +33,7 @@ def relu_features(n, d, c, seed=0):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=None, help="ImageNet-scale rows (default: all on GPU, 200,000 on CPU)")
+    p.add_argument("--loop-rows", type=int, default=None, help="time the baseline loops on this many rows, scaled")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -41,14 +44,15 @@ def main():
         features, labels = relu_features(n, d, c)
         ours_in = (features.to(device), labels.to(device))
         ours = best_of(lambda: influential_features(*ours_in, k, k, num_classes=c), sync=sync)
-        result = influential_features(*ours_in, k, k, num_classes=c).indices
+        m = min(n, args.loop_rows or n)  # rows the loops run on; their time is scaled by n / m
+        result = influential_features(ours_in[0][:m], ours_in[1][:m], k, k, num_classes=c).indices
         loops = {}
-        for name, loop, args in (("torch_loop", influential_features_torch_loop, (features, labels)),
-                                 ("numpy_loop", influential_features_loop, (features.numpy(), labels.numpy()))):
+        for name, loop, loop_in in (("torch_loop", influential_features_torch_loop, (features[:m], labels[:m])),
+                                    ("numpy_loop", influential_features_loop, (features[:m].numpy(), labels[:m].numpy()))):
             out = []
-            loops[name] = best_of(lambda: out.append(loop(*args, k, k, c)), repeat=1)
+            loops[name] = best_of(lambda: out.append(loop(*loop_in, k, k, c)), repeat=1) * n / m
             assert out[0] == result, f"{name} disagrees with the vectorised result"
-        rows.append({"scale": scale, "rows": n, "D": d, "classes": c, "k": k, "device": device.type, "ours_s": ours,
+        rows.append({"scale": scale, "rows": n, "loop_rows": m, "D": d, "classes": c, "k": k, "device": device.type, "ours_s": ours,
                      **{f"{name}_s": t for name, t in loops.items()},
                      **{f"speedup_vs_{name}": t / ours for name, t in loops.items()}})
         if device.type == "cuda":  # the Triton kernel alone, for each number of warps per row
