@@ -4,8 +4,9 @@ One program per row, the row held in registers. Floats are ranked through the sa
 keys as on the CPU (topk_cpu.py: the bits with the sign cleared, so non-negative features rank
 by value and signed ones by magnitude). The k-th largest key T is found bit by bit, from the
 highest: keep a bit when at least k keys reach the prefix with it set (31 counts over the row in
-registers). Every entry > T, and the first entries == T in index order (ties go to the lower
-index, as everywhere in the library), are added to the row's class histogram with atomic adds.
+registers; it stops as soon as exactly k keys reach the prefix, typically after about half the
+bits). Every entry > T, and the first entries == T in index order (ties go to the lower index,
+as everywhere in the library), are added to the row's class histogram with atomic adds.
 Rows holding inf/NaN are flagged and left out, as are negative entries reported, in the same pass.
 
 Used by `influence.class_histograms` for float32 CUDA features when Triton is installed; the
@@ -22,6 +23,7 @@ except ImportError:  # no Triton (e.g. macOS): influence.py uses torch.topk inst
     triton = None
 
 NONFINITE = 0x7F800000  # a key at or above this is inf or NaN
+MAX_WIDTH = 16384       # rows wider than this do not fit one program's registers: torch.topk instead
 
 
 if triton is not None:
@@ -35,10 +37,15 @@ if triton is not None:
         keys = tl.where(inside, bits & 0x7FFFFFFF, -1)  # padding ranks below every entry
         negative = tl.max(((bits < 0) & (keys > 0)).to(tl.int32), 0)  # -0.0 is not negative
         finite = tl.max(keys, 0) < NONFINITE
-        kth = tl.full((), 0, tl.int32)
-        for bit in range(30, -1, -1):  # the largest key reached by >= k keys is the k-th largest
+        kth = tl.full((), 0, tl.int32)  # invariant: count = #keys >= kth >= k
+        count = tl.sum(inside.to(tl.int32), 0)
+        bit = tl.full((), 30, tl.int32)
+        while (bit >= 0) & (count != k):  # stop early once exactly k keys reach kth: the top k are known
             candidate = kth | (1 << bit)
-            kth = tl.where(tl.sum((keys >= candidate).to(tl.int32), 0) >= k, candidate, kth)
+            reached = tl.sum((keys >= candidate).to(tl.int32), 0)
+            kth = tl.where(reached >= k, candidate, kth)
+            count = tl.where(reached >= k, reached, count)
+            bit -= 1
         greater = tl.sum((keys > kth).to(tl.int32), 0)
         tie = keys == kth
         keep = (keys > kth) | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - greater))
@@ -48,8 +55,8 @@ if triton is not None:
 
 
 def available(features: torch.Tensor) -> bool:
-    """Whether this kernel can take `features`: on a CUDA device, with Triton installed."""
-    return triton is not None and features.is_cuda
+    """Whether this kernel can take `features`: on a CUDA device, at most MAX_WIDTH wide, with Triton installed."""
+    return triton is not None and features.is_cuda and features.shape[1] <= MAX_WIDTH
 
 
 def class_histograms_gpu(features: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int,
