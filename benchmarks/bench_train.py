@@ -7,14 +7,20 @@ excluded), epochs and the test accuracy. The H100 goal for ResNet-20 is >= 88.0 
 
     python benchmarks/bench_train.py [--epochs 30] [--baseline-epochs 30] [--batch-size 512] [--lr 0.2]
         [--no-compile] [--model resnet20] [--data cifar10:../shared/data/cifar10-jpeg.tar.gz]
+        [--recipe "epochs=40,batch_size=1024,lr=0.4,label_smoothing=0.1" ...]
+
+Each `--recipe` (fields of `classfilters.Recipe`, over the flags' values) is one more run of
+`train_classifier`, so one call can compare several recipes against the same baseline.
 """
 import argparse
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import SHARED
@@ -76,6 +82,7 @@ def main():
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--recipe", action="append", default=[], help="k=v,k=v: another Recipe to run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -85,11 +92,13 @@ def main():
     rows = []
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
                     flip=channels == 3, compile=not args.no_compile)
-    for path, epochs, fit in (
-            ("straightforward eager loop (baseline)", args.baseline_epochs,
-             lambda m: plain_loop(m, train, args.baseline_epochs, args.batch_size, args.lr, recipe.flip, device)),
-            (f"train_classifier{' compiled' if recipe.compile else ''}", args.epochs,
-             lambda m: train_classifier(m, train, recipe, device, seed=0, progress=False))):
+    recipes = [recipe] + [replace(recipe, **{k: yaml.safe_load(v) for k, v in
+                                             (item.split("=") for item in spec.split(","))}) for spec in args.recipe]
+    runs = [("straightforward eager loop (baseline)", None,
+             lambda m: plain_loop(m, train, args.baseline_epochs, args.batch_size, args.lr, recipe.flip, device))]
+    runs += [(f"train_classifier{' compiled' if r.compile else ''}", r,
+              lambda m, r=r: train_classifier(m, train, r, device, seed=0, progress=False)) for r in recipes]
+    for path, r, fit in runs:
         torch.manual_seed(0)
         model = build_model(args.model, num_classes=train.num_classes, in_channels=channels)
         sync()
@@ -97,9 +106,11 @@ def main():
         fit(model)
         sync()
         seconds = time.perf_counter() - start
-        rows.append({"path": path, "model": args.model, "epochs": epochs, "batch_size": args.batch_size,
-                     "lr": args.lr, "train_s": seconds, "test_acc": test_accuracy(model, test, device)})
-    rows[1]["speedup"] = rows[0]["train_s"] / rows[1]["train_s"]
+        settings = asdict(r) if r else {"epochs": args.baseline_epochs, "batch_size": args.batch_size, "lr": args.lr}
+        rows.append({"path": path, "model": args.model, **settings, "train_s": seconds,
+                     "test_acc": test_accuracy(model, test, device)})
+        if r:
+            rows[-1]["speedup"] = rows[0]["train_s"] / seconds
     record("train", rows)
 
 
