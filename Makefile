@@ -4,7 +4,7 @@ PYTHON ?= python3
 # `make demo PROFILE=cifar10` runs another profile (profiles/*.yaml)
 PROFILE ?= demo
 
-.PHONY: install demo lab test bench
+.PHONY: install demo lab test bench bench-gpu
 install:
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
@@ -24,3 +24,11 @@ bench: install
 	$(PYTHON) benchmarks/bench_influence.py
 	$(PYTHON) benchmarks/bench_grid.py
 	$(PYTHON) benchmarks/bench_decode.py
+
+# the GPU benchmarks (needs CUDA and ../shared/data): Algorithm 1, decoding, the depth study's
+# one-pass extraction, training ResNet-20 (results in benchmarks/results/*-cuda.json)
+bench-gpu: install
+	$(PYTHON) benchmarks/bench_influence.py --device cuda --loop-rows 100000
+	$(PYTHON) benchmarks/bench_decode.py --device cuda
+	$(PYTHON) benchmarks/bench_study.py --device cuda
+	$(PYTHON) benchmarks/bench_train.py --device cuda

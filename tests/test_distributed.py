@@ -107,3 +107,24 @@ def test_ddp_training_keeps_ranks_identical_and_learns(tmp_path):
     test = open_dataset("digits", "test")
     phi = extract_features(model, test, use_cache=False, progress=False, device="cpu")
     assert (model.head(phi).argmax(1) == test.labels).float().mean() > 0.5
+
+
+def test_command_line_under_torchrun_equals_one_process(tmp_path, digits_model):
+    """`torchrun --nproc_per_node 2 -m classfilters ...` (gloo on the CPU) writes what one process writes."""
+    import json
+    import subprocess
+    import sys
+    weights = tmp_path / "resnet8.pt"
+    torch.save(digits_model.body.model.state_dict(), weights)
+    args = ["-m", "classfilters", "--model", "resnet8", "--checkpoint", str(weights), "--dataset", "digits",
+            "--k", "5", "--k-prime", "4", "--device", "cpu", "--batch-size", "50"]
+    outputs = []
+    for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]):
+        out = tmp_path / f"out{len(outputs)}.json"
+        env = {**os.environ, "CLASSFILTERS_CACHE": str(tmp_path / f"cache{len(outputs)}"), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, *launcher, *args, "--out", str(out)], env=env, capture_output=True,
+                              text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(json.loads(out.read_text()))
+    assert outputs[0]["indices"] == outputs[1]["indices"] and outputs[0]["histograms"] == outputs[1]["histograms"]
+    assert outputs[0]["test"] == pytest.approx(outputs[1]["test"])

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .ablation import noise_ablation
 from .data import DatasetError, ImageSplit, open_dataset
 from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
-from .features import extract_features, extract_features_many
+from .features import extract_features, extract_features_many, init_distributed
 from .influence import InfluentialFeatures, influential_features
 from .models import CifarResNet, FeatureModel, as_feature_model, build_model, load_cifar_resnet
 from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
@@ -35,6 +35,7 @@ __all__ = [
            "finetune_network",
            "grid_accuracy",
            "influential_features",
+           "init_distributed",
            "jaccard_matrix",
            "load_cifar_resnet",
            "mean_pairwise",

@@ -6,7 +6,9 @@
 
 Algorithm 1 runs on the train split; full, decomposed and relative accuracy are measured on
 the test split. Without a checkpoint (and without --pretrained) the model is first trained
-on the train split for --train-epochs (cached).
+on the train split for --train-epochs (cached). On several GPUs or nodes, launch it with
+torchrun (`torchrun --nproc_per_node 8 -m classfilters ...`): the ranks share the training
+and the extraction, and rank 0 writes the result.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from . import __version__
 from .data import open_dataset
 from .decomposed import evaluate
-from .features import extract_features
+from .features import extract_features, init_distributed
 from .influence import influential_features
 from .models import build_model
 from .train import Recipe, trained_model
@@ -59,6 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
+    rank, size = init_distributed()
+    try:
+        return run(args, started, rank)
+    finally:
+        if size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run(args: argparse.Namespace, started: float, rank: int) -> int:
     train, test = open_dataset(args.dataset, "train"), open_dataset(args.dataset, "test")
     if args.checkpoint or args.pretrained:
         model = build_model(args.model, args.checkpoint, num_classes=train.num_classes, pretrained=args.pretrained,
@@ -77,6 +88,8 @@ def main(argv=None) -> int:
     results = evaluate(model.head.cpu().float(), influence, test_features, test.labels)
     out = {**influence.to_dict(), "classes": train.classes, "test": results,
            "seconds": round(time.time() - started, 1)}
+    if rank != 0:
+        return 0
     text = json.dumps(out, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

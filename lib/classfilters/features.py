@@ -7,9 +7,9 @@ and bf16 autocast, shows a tqdm bar, and returns float32 (N, D) features in data
 - Cache: keyed by the model's weights, the split's fingerprint, the normalisation and the
   precision; a changed checkpoint never reuses a stale entry (see cache.py).
 - Resumable: progress is saved every `checkpoint_every` images; an interrupted run resumes.
-- Many processes: under `torchrun` (torch.distributed initialised), rank r extracts the r-th
-  contiguous slice and the slices are gathered, so every rank gets all N rows in dataset
-  order, with no padded duplicates.
+- Many processes: under `torchrun` (torch.distributed initialised, e.g. by `init_distributed`),
+  rank r extracts the r-th contiguous slice and the slices are gathered, so every rank gets
+  all N rows in dataset order, with no padded duplicates.
 - Out of GPU memory: the batch is split in halves and the run goes on, saying so.
 - Several models: `extract_features_many` reads, decodes and normalises each batch once for all.
 """
@@ -33,6 +33,19 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that `torchrun` describes (WORLD_SIZE > 1 in the environment): NCCL
+    on this rank's GPU (LOCAL_RANK), gloo on CPUs. A no-op otherwise. Returns (rank, world size)."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return world()
 
 
 def world() -> tuple[int, int]:
