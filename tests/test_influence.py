@@ -176,3 +176,20 @@ def test_influence_on_the_gpu_equals_the_cpu():
             gpu = influential_features(features.cuda(), labels.cuda(), k, kp)
             cpu = influential_features(features, labels, k, kp)
             assert gpu.indices == cpu.indices and torch.equal(gpu.histograms, cpu.histograms) and gpu.rank_by == cpu.rank_by
+
+
+@pytest.mark.parametrize("width,warps", [(64, 1), (2048, 1), (2208, 2), (16384, 8)])
+def test_gpu_kernel_compiles_for_the_h100(width, warps):
+    """The Triton kernel compiled to an sm_90 binary without a GPU: what the interpreter cannot check
+    (types of loop-carried values, globals, shapes) fails here instead of on the first GPU run."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from classfilters.topk_gpu import _class_histograms_kernel
+    signature = {"x_ptr": "*fp32", "labels_ptr": "*i64", "hist_ptr": "*i32", "flags_ptr": "*i32", "d": "i32",
+                 "stride": "i32", "k": "i32", "BLOCK": "constexpr"}
+    source = ASTSource(fn=_class_histograms_kernel, signature=signature,
+                       constexprs={"BLOCK": triton.next_power_of_2(width)})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert compiled.asm["cubin"] and "atom" in compiled.asm["ptx"]

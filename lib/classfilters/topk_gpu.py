@@ -22,7 +22,6 @@ try:
 except ImportError:  # no Triton (e.g. macOS): influence.py uses torch.topk instead
     triton = None
 
-NONFINITE = 0x7F800000  # a key at or above this is inf or NaN
 MAX_WIDTH = 16384       # rows wider than this do not fit one program's registers: torch.topk instead
 
 
@@ -36,7 +35,7 @@ if triton is not None:
         bits = raw.to(tl.int32, bitcast=True)
         keys = tl.where(inside, bits & 0x7FFFFFFF, -1)  # padding ranks below every entry
         negative = tl.max(((bits < 0) & (keys > 0)).to(tl.int32), 0)  # -0.0 is not negative
-        finite = tl.max(keys, 0) < NONFINITE
+        finite = tl.max(keys, 0) < 0x7F800000  # a key at or above this is inf or NaN
         kth = tl.full((), 0, tl.int32)  # invariant: count = #keys >= kth >= k
         count = tl.sum(inside.to(tl.int32), 0)
         bit = tl.full((), 30, tl.int32)
