@@ -59,12 +59,14 @@ def normalize_gates_(gates: torch.Tensor) -> None:
 
 
 def shuffled_batches(split: ImageSplit, batch_size: int, gen: torch.Generator, device):
-    """(uint8 images, labels) in a random order: slices of memory, or a shuffling loader for folders."""
+    """(uint8 images, labels) in a random order: slices of the split held on `device`, or a
+    shuffling loader for folders."""
     if split.images is not None:
-        perm = torch.randperm(len(split), generator=gen)
+        images, labels = split.images.to(device), split.labels.to(device)
+        perm = torch.randperm(len(split), generator=gen).to(device)
         for start in range(0, len(split), batch_size):
             idx = perm[start:start + batch_size]
-            yield split.images[idx].to(device), split.labels[idx].to(device)
+            yield images[idx], labels[idx]
         return
     loader = torch.utils.data.DataLoader(split.dataset, batch_size=batch_size, shuffle=True, generator=gen,
                                          num_workers=2)
@@ -79,6 +81,8 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
     device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    # crops and flips drawn on the GPU there (no step waits for the host), else from the order's generator
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if device.type == "cuda" else gen
     gated = GatedModel(copy.deepcopy(model)).to(device).train()
     opt = torch.optim.SGD([{"params": gated.model.parameters(), "weight_decay": recipe.weight_decay},
                            {"params": [gated.gates], "weight_decay": 0.0}],
@@ -91,7 +95,7 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
     step = 0
     for _ in tqdm(range(recipe.epochs), desc=f"CSG {model.name}", disable=not progress, unit="epoch"):
         for images, labels in shuffled_batches(split, recipe.batch_size, gen, device):
-            x = split.normalize(augment(images, padding, recipe.flip, gen))
+            x = split.normalize(augment(images, padding, recipe.flip, augment_gen))
             gated_step = step % 2 == 1
             loss = F.cross_entropy(gated(x, labels if gated_step else None), labels)
             if gated_step:
