@@ -1,5 +1,6 @@
 """Two processes (torch.distributed, gloo on the CPU) give exactly what one process gives."""
 import os
+import sys
 
 import pytest
 import torch
@@ -15,16 +16,23 @@ def _init(rank, world_size, store):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
 
 
+def _leave():
+    """Leave the group and exit at once: now and then gloo's threads abort the interpreter's
+    teardown after the group is gone ("terminate called without an active exception")."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank, world_size, store, weights, out, cache_dir):
     os.environ["CLASSFILTERS_CACHE"] = cache_dir
     _init(rank, world_size, store)
-    try:
-        model = build_model("resnet8", weights, num_classes=10, in_channels=1)
-        split = open_dataset("digits", "test")
-        features = extract_features(model, split, batch_size=50, device="cpu", progress=False)
-        torch.save(features, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    model = build_model("resnet8", weights, num_classes=10, in_channels=1)
+    split = open_dataset("digits", "test")
+    features = extract_features(model, split, batch_size=50, device="cpu", progress=False)
+    torch.save(features, f"{out}.{rank}")
+    _leave()
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -48,15 +56,13 @@ def _finetune_worker(rank, world_size, store, data, out):
 
     from classfilters import DecomposedHead, finetune_head
     _init(rank, world_size, store)
-    try:
-        features, labels, mask, weight, bias = torch.load(data)
-        head = nn.Linear(weight.shape[1], weight.shape[0])
-        head.weight.data, head.bias.data = weight.clone(), bias.clone()
-        decomposed = DecomposedHead(head, mask)
-        finetune_head(decomposed, features, labels, epochs=2, lr=1e-2, batch_size=37)
-        torch.save({k: v.detach() for k, v in decomposed.state_dict().items()}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    features, labels, mask, weight, bias = torch.load(data)
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.weight.data, head.bias.data = weight.clone(), bias.clone()
+    decomposed = DecomposedHead(head, mask)
+    finetune_head(decomposed, features, labels, epochs=2, lr=1e-2, batch_size=37)
+    torch.save({k: v.detach() for k, v in decomposed.state_dict().items()}, f"{out}.{rank}")
+    _leave()
 
 
 def test_ddp_finetuning_equals_one_process(tmp_path):
@@ -83,16 +89,14 @@ def test_ddp_finetuning_equals_one_process(tmp_path):
 def _train_worker(rank, world_size, store, out):
     from classfilters import Recipe, train_classifier
     _init(rank, world_size, store)
-    try:
-        torch.manual_seed(0)
-        model = build_model("resnet8", num_classes=10, in_channels=1)
-        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out}.init.{rank}")
-        train = open_dataset("digits", "train").subset(torch.arange(0, 1437, 3))
-        train_classifier(model, train, Recipe(epochs=2, batch_size=64, lr=0.05, flip=False), device="cpu",
-                         progress=False)
-        torch.save(model.state_dict(), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out}.init.{rank}")
+    train = open_dataset("digits", "train").subset(torch.arange(0, 1437, 3))
+    train_classifier(model, train, Recipe(epochs=2, batch_size=64, lr=0.05, flip=False), device="cpu",
+                     progress=False)
+    torch.save(model.state_dict(), f"{out}.{rank}")
+    _leave()
 
 
 def test_ddp_training_keeps_ranks_identical_and_learns(tmp_path):
