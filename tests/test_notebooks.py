@@ -210,3 +210,21 @@ def test_every_profile_loads(profile):
     assert values["name"] == profile and values["model"] in values["models"]
     for name in values["models"]:
         assert "@" not in name or name in values["checkpoints"], f"{profile}: {name} has no checkpoint"
+
+
+def test_models_see_an_image_folder_at_their_own_size(tmp_path, fake_imagenet):
+    """A model whose weights expect other (resize, crop) gets its own decode pass at that size;
+    models at the same size share one."""
+    from classfilters import build_model, extract_features, open_dataset, study
+    S = study.open_study("imagenet", {"name": "t", "dataset": f"imagefolder:{fake_imagenet}", "weights": "random",
+                                      "batch_size": 4}, tmp_path)
+    torch.manual_seed(0)
+    small, default, other = (build_model("resnet18", num_classes=2).eval() for _ in range(3))
+    small.input_size = (40, 32)
+    S._add_runs({"small": small, "default": default, "other": other})
+    runs = S._runs
+    assert runs["small"].train.dataset.crop == 32 and runs["default"].train.dataset.crop == 224
+    assert runs["default"].train is runs["other"].train  # one split, one pass for both
+    direct = extract_features(small, open_dataset(f"imagefolder:{fake_imagenet}", "train", (40, 32)), use_cache=False,
+                              progress=False)
+    assert torch.allclose(runs["small"].train_features, direct, atol=1e-5)

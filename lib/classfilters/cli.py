@@ -47,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="resnet20 (CIFAR 6n+2), resnet50 / densenet121 / ... (torchvision) or timm:<name>")
     p.add_argument("--checkpoint", help="weights: a CIFAR .th file, a torch state dict or a .safetensors file")
-    p.add_argument("--pretrained", action="store_true", help="torchvision / timm ImageNet weights (needs internet once)")
+    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="WEIGHTS",
+                   help="torchvision / timm ImageNet weights (needs internet once); optionally a torchvision "
+                        "weights name, e.g. IMAGENET1K_V1 (the 2021 weights of the paper)")
     p.add_argument("--dataset", required=True, help="digits | cifar10 | cifar10:<path> | imagefolder:<path>")
     p.add_argument("--k", type=size, default=5, help="features kept per image: a count or a fraction of mass (default 5)")
     p.add_argument("--k-prime", type=size, default=5, help="features kept per class: a count or a fraction (default 5)")
@@ -84,6 +86,8 @@ def run(args: argparse.Namespace, started: float, rank: int) -> int:
     else:
         flip = train.name != "digits"
         model = trained_model(args.model, train, Recipe(epochs=args.train_epochs, flip=flip), device=args.device)
+    if model.input_size and train.images is None:  # an image folder, at the size the weights expect
+        train, test = (open_dataset(args.dataset, which, model.input_size) for which in ("train", "test"))
     if model.num_classes != train.num_classes:
         raise SystemExit(f"the model predicts {model.num_classes} classes but {args.dataset} has {train.num_classes}")
     kw = {"batch_size": args.batch_size, "device": args.device, "use_cache": not args.no_cache}

@@ -83,7 +83,8 @@ def data_root() -> Path:
     return Path(os.environ.get("CLASSFILTERS_DATA", Path.home() / ".cache" / "classfilters" / "data"))
 
 
-def open_dataset(spec: str, split: str = "train") -> ImageSplit:
+def open_dataset(spec: str, split: str = "train", size: tuple[int, int] | None = None) -> ImageSplit:
+    """`size`: (resize, crop) of an image folder's images (default 256, 224); other datasets ignore it."""
     if split not in ("train", "test", "val"):
         raise ValueError(f"split must be 'train' or 'test' ('val' for image folders), got {split!r}")
     kind, _, path = spec.partition(":")
@@ -94,7 +95,7 @@ def open_dataset(spec: str, split: str = "train") -> ImageSplit:
     if kind == "imagefolder":
         if not path:
             raise ValueError("imagefolder needs a path: imagefolder:/data/imagenet")
-        return load_image_folder(path, "val" if split == "test" else split)
+        return load_image_folder(path, "val" if split == "test" else split, *(size or (256, 224)))
     raise ValueError(f"unknown dataset {spec!r}: use digits, cifar10, cifar10:<path> or imagefolder:<path>")
 
 

@@ -16,6 +16,7 @@ and bf16 autocast, shows a tqdm bar, and returns float32 (N, D) features in data
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
@@ -55,7 +56,7 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def batches(split: ImageSplit, batch_size: int, start: int = 0, stop: int | None = None, num_workers: int = 4,
+def batches(split: ImageSplit, batch_size: int, start: int = 0, stop: int | None = None, num_workers: int | None = None,
             device=None):
     """Yield uint8 (B, C, H, W) batches of images start..stop of `split`, in order.
 
@@ -70,7 +71,8 @@ def batches(split: ImageSplit, batch_size: int, start: int = 0, stop: int | None
         yield from decode_folder_batches(split.dataset, batch_size, start, stop, device)
         return
     subset = torch.utils.data.Subset(split.dataset, range(start, stop))
-    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers  # decoding workers
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
     for images, _ in loader:
         yield images
 

@@ -175,6 +175,7 @@ class FeatureModel(nn.Module):
         self.head = head
         self.pool = pool or global_average_pool
         self.name = name
+        self.input_size: tuple[int, int] | None = None  # (resize, crop) its weights expect; None: any
 
     @property
     def num_features(self) -> int:
@@ -276,14 +277,36 @@ TORCHVISION_MODELS = ("resnet50", "resnet101", "resnet152", "wide_resnet50_2", "
                       "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3")
 
 
+def torchvision_weights(name: str, pretrained: bool | str):
+    """The torchvision weights entry: its DEFAULT for True, else the one named (e.g. "IMAGENET1K_V1",
+    the 2021 weights the paper used; DEFAULT is newer for the ResNets and EfficientNet-B1)."""
+    import torchvision.models as tvm
+    entries = tvm.get_model_weights(name)
+    if pretrained is True:
+        return entries.DEFAULT
+    try:
+        return entries[pretrained]
+    except KeyError:
+        raise ValueError(f"{name} has no torchvision weights named {pretrained!r}: choose one of "
+                         f"{[e.name for e in entries]} (or pretrained=True for the default)") from None
+
+
+def weights_input_size(weights) -> tuple[int, int]:
+    """(resize, crop) of the evaluation transform the weights were published with."""
+    transform = weights.transforms()
+    return transform.resize_size[0], transform.crop_size[0]
+
+
 def build_model(name: str, checkpoint: str | Path | None = None, num_classes: int | None = None,
-                in_channels: int = 3, pretrained: bool = False) -> FeatureModel:
+                in_channels: int = 3, pretrained: bool | str = False) -> FeatureModel:
     """Make a model by name and wrap it.
 
     name: "resnet8".."resnet110" (CIFAR, 6n+2; "cifar_resnetN" where N clashes with torchvision), a torchvision name from TORCHVISION_MODELS
     (or any torchvision classifier), or "timm:<name>".
     checkpoint: a CIFAR .th file, or a state dict saved with torch.save / safetensors.
-    pretrained: torchvision / timm ImageNet weights (needs internet the first time).
+    pretrained: torchvision / timm ImageNet weights (needs internet the first time): True for the
+    default ones, or the name of a torchvision weights entry ("IMAGENET1K_V1"). The model's
+    `input_size` is then the (resize, crop) those weights were evaluated with.
     """
     import torchvision.models as tvm
 
@@ -305,12 +328,15 @@ def build_model(name: str, checkpoint: str | Path | None = None, num_classes: in
         if name not in tvm.list_models(module=tvm):
             raise ValueError(f"unknown model '{name}': use resnet<6n+2> (CIFAR), a torchvision classifier "
                              f"(e.g. {', '.join(TORCHVISION_MODELS[:4])}) or timm:<name>")
-        weights = tvm.get_model_weights(name).DEFAULT if pretrained else None
+        weights = torchvision_weights(name, pretrained) if pretrained else None
         kwargs = {} if weights is not None else {"num_classes": num_classes or 1000}
         model = tvm.get_model(name, weights=weights, **kwargs)
     if checkpoint is not None:
         load_state_dict_checked(model, read_state_dict(checkpoint), str(checkpoint))
-    return as_feature_model(model, name)
+    wrapped = as_feature_model(model, name)
+    if not name.startswith("timm:") and pretrained:
+        wrapped.input_size = weights_input_size(weights)
+    return wrapped
 
 
 def read_state_dict(path: str | Path) -> dict:

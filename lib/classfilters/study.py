@@ -163,18 +163,20 @@ class Study:
         self.out_dir = Path(out_dir) if out_dir else repo_root() / "figures" / values["name"]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._runs: dict[str, Run] = {}
-        self._splits: dict[str, ImageSplit] = {}
+        self._splits: dict[tuple, ImageSplit] = {}
 
     def get(self, key, default=None):
         return self.values.get(key, default)
 
     # ---------------------------------------------------------------------------------- data and models
 
-    def split(self, which: str) -> ImageSplit:
-        if which not in self._splits:
+    def split(self, which: str, size: tuple[int, int] | None = None) -> ImageSplit:
+        """The profile's train or test split; for image folders, at a model's (resize, crop)."""
+        if (which, size) not in self._splits:
             cap = self.get("max_train") if which == "train" else self.get("max_test")
-            self._splits[which] = limit(open_dataset(dataset_spec(self.dataset), which), cap, self.get("seed", 0))
-        return self._splits[which]
+            self._splits[which, size] = limit(open_dataset(dataset_spec(self.dataset), which, size), cap,
+                                              self.get("seed", 0))
+        return self._splits[which, size]
 
     def build(self, name: str) -> FeatureModel:
         train = self.split("train")
@@ -190,7 +192,8 @@ class Study:
         if weights in ("pretrained", "random"):
             torch.manual_seed(self.get("seed", 0))
             num_classes = None if weights == "pretrained" else train.num_classes
-            return build_model(arch, num_classes=num_classes, in_channels=in_channels, pretrained=weights == "pretrained")
+            pretrained = (self.get("pretrained_weights") or True) if weights == "pretrained" else False
+            return build_model(arch, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained)
         if weights != "train":
             raise ValueError(f"weights must be train, pretrained or random (or list the model under checkpoints), got {weights!r}")
         return trained_model(arch, train, self.recipe(), seed=self.get("seed", 0), device=self.get("device"),
@@ -218,14 +221,16 @@ class Study:
         return self._runs[name]
 
     def _add_runs(self, models: dict[str, FeatureModel]) -> None:
-        if not models:
-            return
-        train, test = self.split("train"), self.split("test")
+        """Features of `models`: one pass over each split for all the models that see the images
+        at the same size (an image folder is decoded at each model's `input_size`)."""
         kw = {"batch_size": self.get("batch_size", 256), "device": self.get("device"),
               "progress": self.get("progress", False)}
-        phi_train, phi_test = extract_features_many(models, train, **kw), extract_features_many(models, test, **kw)
-        for name, model in models.items():
-            self._runs[name] = Run(name, model, train, test, phi_train[name], phi_test[name])
+        for size in dict.fromkeys(m.input_size for m in models.values()):
+            group = {name: m for name, m in models.items() if m.input_size == size}
+            train, test = self.split("train", size), self.split("test", size)
+            phi_train, phi_test = extract_features_many(group, train, **kw), extract_features_many(group, test, **kw)
+            for name, model in group.items():
+                self._runs[name] = Run(name, model, train, test, phi_train[name], phi_test[name])
 
     def influence(self, run: Run, k=None, k_prime=None) -> InfluentialFeatures:
         """Algorithm 1 on the run's training features (the profile's k and k' unless given)."""
