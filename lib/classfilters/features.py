@@ -39,7 +39,6 @@ def default_device() -> torch.device:
 def init_distributed() -> tuple[int, int]:
     """Join the process group that `torchrun` describes (WORLD_SIZE > 1 in the environment): NCCL
     on this rank's GPU (LOCAL_RANK), gloo on CPUs. A no-op otherwise. Returns (rank, world size)."""
-    import os
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

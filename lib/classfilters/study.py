@@ -225,8 +225,10 @@ class Study:
         at the same size (an image folder is decoded at each model's `input_size`)."""
         kw = {"batch_size": self.get("batch_size", 256), "device": self.get("device"),
               "progress": self.get("progress", False)}
-        for size in dict.fromkeys(m.input_size for m in models.values()):
-            group = {name: m for name, m in models.items() if m.input_size == size}
+        folder = self.dataset.startswith("imagefolder")  # only image folders are decoded at a chosen size
+        sizes = {name: m.input_size if folder else None for name, m in models.items()}
+        for size in dict.fromkeys(sizes.values()):
+            group = {name: m for name, m in models.items() if sizes[name] == size}
             train, test = self.split("train", size), self.split("test", size)
             phi_train, phi_test = extract_features_many(group, train, **kw), extract_features_many(group, test, **kw)
             for name, model in group.items():
