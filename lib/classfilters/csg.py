@@ -26,7 +26,7 @@ from .data import ImageSplit
 from .decomposed import accuracy
 from .features import default_device
 from .models import FeatureModel, fingerprint
-from .train import Recipe, augment
+from .train import Recipe, augment, one_cycle
 
 
 class GatedModel(nn.Module):
@@ -88,8 +88,7 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
                            {"params": [gated.gates], "weight_decay": 0.0}],
                           lr=recipe.lr, momentum=0.9, nesterov=True)
     steps = recipe.epochs * -(-len(split) // recipe.batch_size)
-    # at least 8 steps: with exactly 4, OneCycleLR's warm-up phase is empty and it divides by zero
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=max(steps, 8), pct_start=0.25)
+    sched = one_cycle(opt, recipe.lr, steps)
     width = split.images.shape[-1] if split.images is not None else 224
     padding = recipe.crop_padding if recipe.crop_padding is not None else width // 8
     step = 0

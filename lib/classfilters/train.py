@@ -55,6 +55,14 @@ def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator
     return images
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int):
+    """The one-cycle schedule (a quarter warm-up) over `steps`; a constant `lr` for runs under 8
+    steps, too short to warm up (OneCycleLR divides by zero on an empty warm-up phase)."""
+    if steps >= 8:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.25)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
 def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None = None, device=None,
                      seed: int = 0, progress: bool = True) -> nn.Module:
     """Train in place and return `model` in eval mode.
@@ -89,9 +97,7 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
     steps_per_epoch = -(-len(split) // recipe.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True,
                           weight_decay=recipe.weight_decay)
-    total_steps = recipe.epochs * steps_per_epoch
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=total_steps, pct_start=0.25)
-             if total_steps >= 8 else torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))  # too short to warm up
+    sched = one_cycle(opt, recipe.lr, recipe.epochs * steps_per_epoch)
     bf16 = device.type == "cuda"
     padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8
     micro = recipe.batch_size
