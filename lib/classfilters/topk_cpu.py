@@ -15,8 +15,8 @@ finds each row's top k:
 4. the top k: every candidate > T, then the first candidates == T in index order, so ties at
    the k-th value go to the lower index, the same rule as `influence.topk_indices`.
 
-A second, serial loop adds each row's k indices to its class's histogram. About 3x faster
-than `torch.topk` + `bincount` on 2 cores for k << D: see benchmarks/README.md.
+A second, serial loop adds each row's k indices to its class's histogram. Timings and the
+variants tried: benchmarks/README.md.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ bits). Every entry > T, and the first entries == T in index order (ties go to th
 as everywhere in the library), are added to the row's class histogram with atomic adds.
 Rows holding inf/NaN are flagged and left out, as are negative entries reported, in the same pass.
 
-Used by `influence.class_histograms` for float32 CUDA features when Triton is installed; the
-tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+Used by `influence.class_histograms` for CUDA features (half precision ranked as float32)
+when Triton is installed; the tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
