@@ -27,6 +27,26 @@ def test_batched_decoding_equals_the_per_image_path(tmp_path):
     assert torch.equal(torch.cat(list(decode_folder_batches(split.dataset, 4, 2, 5, "cpu"))), reference[2:5])
 
 
+def test_interpolation_is_torchvision_s_and_part_of_the_fingerprint(tmp_path):
+    """EfficientNet's weights expect bicubic resizing: the folder path uses it, PIL agrees within one
+    grey level, the batched path equals it, and a bicubic split's fingerprint (which keys the
+    feature caches) differs from the bilinear one's."""
+    import torchvision.transforms.functional as F
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    _fake_folder(tmp_path)
+    bilinear, bicubic = (load_image_folder(tmp_path, "val", 256, 224, mode) for mode in ("bilinear", "bicubic"))
+    assert bilinear.fingerprint != bicubic.fingerprint
+    images = torch.stack([bicubic.dataset[i][0] for i in range(len(bicubic))])
+    assert not torch.equal(images, torch.stack([bilinear.dataset[i][0] for i in range(len(bilinear))]))
+    pil = Image.open(bicubic.dataset.files[0]).convert("RGB")
+    pil = F.center_crop(F.resize(pil, [256], interpolation=InterpolationMode.BICUBIC), [224, 224])
+    assert (F.pil_to_tensor(pil).int() - images[0].int()).abs().max() <= 1
+    assert torch.equal(torch.cat(list(decode_folder_batches(bicubic.dataset, 4, 0, len(bicubic), "cpu"))), images)
+    with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
+        load_image_folder(tmp_path, "val", 256, 224, "cubic")
+
+
 def test_real_photos(shared_data):
     files = sorted((shared_data / "imagenet-sample").glob("*.JPEG"))[:12]
     dataset = FolderImages(files, list(range(len(files))))

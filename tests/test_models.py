@@ -96,8 +96,8 @@ def test_fingerprint_follows_every_weight():
 
 def test_torchvision_weights_and_the_sizes_they_expect():
     from classfilters.models import torchvision_weights, weights_input_size
-    assert weights_input_size(torchvision_weights("efficientnet_b3", "IMAGENET1K_V1")) == (320, 300)
-    assert weights_input_size(torchvision_weights("resnet50", "IMAGENET1K_V1")) == (256, 224)  # the paper's (2021)
-    assert weights_input_size(torchvision_weights("resnet50", True)) == (232, 224)  # DEFAULT: the newer V2
+    assert weights_input_size(torchvision_weights("efficientnet_b3", "IMAGENET1K_V1")) == (320, 300, "bicubic")
+    assert weights_input_size(torchvision_weights("resnet50", "IMAGENET1K_V1")) == (256, 224, "bilinear")  # the paper's
+    assert weights_input_size(torchvision_weights("resnet50", True)) == (232, 224, "bilinear")  # DEFAULT: the newer V2
     with pytest.raises(ValueError, match="no torchvision weights named 'V9'"):
         torchvision_weights("resnet50", "V9")

@@ -220,7 +220,7 @@ def test_models_see_an_image_folder_at_their_own_size(tmp_path, fake_imagenet):
                                       "batch_size": 4}, tmp_path)
     torch.manual_seed(0)
     small, default, other = (build_model("resnet18", num_classes=2).eval() for _ in range(3))
-    small.input_size = (40, 32)
+    small.input_size, other.input_size = (40, 32), (256, 224, "bilinear")  # other: the default, said in full
     S._add_runs({"small": small, "default": default, "other": other})
     runs = S._runs
     assert runs["small"].train.dataset.crop == 32 and runs["default"].train.dataset.crop == 224

@@ -79,12 +79,22 @@ class ImageSplit:
                           images=self.images[index], mean=self.mean, std=self.std, meta=self.meta)
 
 
+def folder_transform(size: tuple | None) -> tuple[int, int, str]:
+    """(resize, crop, interpolation) of an image folder read at `size` = (resize, crop[, interpolation])
+    or None (torchvision's usual 256, 224, bilinear)."""
+    size = tuple(size or (256, 224))
+    if len(size) not in (2, 3):
+        raise ValueError(f"an image folder's size is (resize, crop) or (resize, crop, interpolation), got {size}")
+    return int(size[0]), int(size[1]), size[2] if len(size) == 3 else "bilinear"
+
+
 def data_root() -> Path:
     return Path(os.environ.get("CLASSFILTERS_DATA", Path.home() / ".cache" / "classfilters" / "data"))
 
 
-def open_dataset(spec: str, split: str = "train", size: tuple[int, int] | None = None) -> ImageSplit:
-    """`size`: (resize, crop) of an image folder's images (default 256, 224); other datasets ignore it."""
+def open_dataset(spec: str, split: str = "train", size: tuple | None = None) -> ImageSplit:
+    """`size`: (resize, crop[, interpolation]) of an image folder's images (default 256, 224, bilinear);
+    other datasets ignore it."""
     if split not in ("train", "test", "val"):
         raise ValueError(f"split must be 'train' or 'test' ('val' for image folders), got {split!r}")
     kind, _, path = spec.partition(":")
@@ -95,7 +105,7 @@ def open_dataset(spec: str, split: str = "train", size: tuple[int, int] | None =
     if kind == "imagefolder":
         if not path:
             raise ValueError("imagefolder needs a path: imagefolder:/data/imagenet")
-        return load_image_folder(path, "val" if split == "test" else split, *(size or (256, 224)))
+        return load_image_folder(path, "val" if split == "test" else split, *folder_transform(size))
     raise ValueError(f"unknown dataset {spec!r}: use digits, cifar10, cifar10:<path> or imagefolder:<path>")
 
 
@@ -219,26 +229,42 @@ def _decode_all(blobs: list[bytes], source: Path) -> torch.Tensor:
 
 
 class FolderImages(Dataset):
-    """Lazily decoded, resized and centre-cropped images of a <root>/<class>/<file> tree."""
+    """Lazily decoded, resized (shorter side, antialiased) and centre-cropped images of a
+    <root>/<class>/<file> tree; `interpolation` is torchvision's name ("bilinear", "bicubic")."""
 
-    def __init__(self, files: list[Path], labels: list[int], resize: int = 256, crop: int = 224):
+    def __init__(self, files: list[Path], labels: list[int], resize: int = 256, crop: int = 224,
+                 interpolation: str = "bilinear"):
+        from torchvision.transforms import InterpolationMode
+        try:
+            InterpolationMode(interpolation)
+        except ValueError:
+            raise ValueError(f"unknown interpolation {interpolation!r}: use one of "
+                             f"{[m.value for m in InterpolationMode]}") from None
         self.files, self.labels, self.resize, self.crop = files, labels, resize, crop
+        self.interpolation = interpolation
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         from torchvision.io import ImageReadMode, decode_image
-        from torchvision.transforms.v2.functional import center_crop, resize
         try:
             img = decode_image(str(self.files[i]), ImageReadMode.RGB)
         except Exception as e:
             raise DatasetError(f"{self.files[i]} could not be decoded ({e}); remove or replace it") from e
-        img = resize(img, [self.resize], antialias=True)
-        return center_crop(img, [self.crop, self.crop]), self.labels[i]
+        return resize_crop(img, self.resize, self.crop, self.interpolation), self.labels[i]
 
 
-def load_image_folder(root: str | Path, split: str = "val", resize: int = 256, crop: int = 224) -> ImageSplit:
+def resize_crop(img: torch.Tensor, size: int, crop: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """torchvision's evaluation transform on a uint8 image: shorter side to `size`, centre crop."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import center_crop, resize
+    img = resize(img, [size], interpolation=InterpolationMode(interpolation), antialias=True)
+    return center_crop(img, [crop, crop])
+
+
+def load_image_folder(root: str | Path, split: str = "val", resize: int = 256, crop: int = 224,
+                      interpolation: str = "bilinear") -> ImageSplit:
     root = Path(root).expanduser()
     split_dir = root / split if (root / split).is_dir() else root
     if not split_dir.is_dir():
@@ -255,5 +281,6 @@ def load_image_folder(root: str | Path, split: str = "val", resize: int = 256, c
         labels += [label] * len(found)
     digest = cache.folder_digest(split_dir, IMAGE_SUFFIXES)
     return ImageSplit(torch.tensor(labels), classes, f"imagefolder-{root.name}",
-                      f"imagefolder-{digest[:16]}-{split}-{resize}-{crop}",
-                      dataset=FolderImages(files, labels, resize, crop), meta={"source": str(root)})
+                      f"imagefolder-{digest[:16]}-{split}-{resize}-{crop}"
+                      + ("" if interpolation == "bilinear" else f"-{interpolation}"),
+                      dataset=FolderImages(files, labels, resize, crop, interpolation), meta={"source": str(root)})

@@ -1,8 +1,8 @@
 """Batched JPEG decoding for image folders: files read by worker threads, decoded together.
 
 On a GPU, `decode_folder_batches` decodes each batch with torchvision's batched nvJPEG
-decoder (`decode_jpeg(list, device="cuda")`), then resizes (shorter side, antialiased) and
-centre-crops on the GPU: the CPU only reads bytes. On the CPU it decodes the same way with
+decoder (`decode_jpeg(list, device="cuda")`), then resizes and centre-crops on the GPU as
+`data.resize_crop` does: the CPU only reads bytes. On the CPU it decodes the same way with
 libjpeg. Either way the result equals `data.FolderImages` (the per-image reference path)
 up to resampling differences between devices. Files that are not JPEG (PNG, ...) are
 decoded one by one.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DatasetError, FolderImages
+from .data import DatasetError, FolderImages, resize_crop
 
 
 def read_bytes(path: Path) -> torch.Tensor:
@@ -22,11 +22,9 @@ def read_bytes(path: Path) -> torch.Tensor:
 
 
 def decode_resize_crop(blobs: list[torch.Tensor], device: torch.device, resize: int, crop: int,
-                       names=None) -> torch.Tensor:
+                       names=None, interpolation: str = "bilinear") -> torch.Tensor:
     """uint8 (B, 3, crop, crop) from encoded images: decode (batched for JPEG), resize, centre-crop."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-    from torchvision.transforms.v2.functional import center_crop
-    from torchvision.transforms.v2.functional import resize as resize_image
 
     is_jpeg = [len(b) > 2 and int(b[0]) == 0xFF and int(b[1]) == 0xD8 for b in blobs]
     images: list[torch.Tensor | None] = [None] * len(blobs)
@@ -42,7 +40,7 @@ def decode_resize_crop(blobs: list[torch.Tensor], device: torch.device, resize: 
     except Exception as e:
         where = f" among {[str(n) for n in names][:3]}..." if names is not None else ""
         raise DatasetError(f"a file could not be decoded{where} ({e}); remove or replace it") from e
-    return torch.stack([center_crop(resize_image(img, [resize], antialias=True), [crop, crop]) for img in images])
+    return torch.stack([resize_crop(img, resize, crop, interpolation) for img in images])
 
 
 def decode_folder_batches(dataset: FolderImages, batch_size: int, start: int, stop: int, device,
@@ -56,4 +54,5 @@ def decode_folder_batches(dataset: FolderImages, batch_size: int, start: int, st
             blobs = list(reads[n])
             if n + 2 < len(ranges):
                 reads.append(pool.map(read_bytes, dataset.files[ranges[n + 2][0]:ranges[n + 2][1]]))
-            yield decode_resize_crop(blobs, device, dataset.resize, dataset.crop, dataset.files[a:b])
+            yield decode_resize_crop(blobs, device, dataset.resize, dataset.crop, dataset.files[a:b],
+                                     dataset.interpolation)

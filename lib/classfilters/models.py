@@ -175,7 +175,8 @@ class FeatureModel(nn.Module):
         self.head = head
         self.pool = pool or global_average_pool
         self.name = name
-        self.input_size: tuple[int, int] | None = None  # (resize, crop) its weights expect; None: any
+        # (resize, crop, interpolation) its weights were evaluated with; None: any size
+        self.input_size: tuple[int, int, str] | None = None
 
     @property
     def num_features(self) -> int:
@@ -291,10 +292,11 @@ def torchvision_weights(name: str, pretrained: bool | str):
                          f"{[e.name for e in entries]} (or pretrained=True for the default)") from None
 
 
-def weights_input_size(weights) -> tuple[int, int]:
-    """(resize, crop) of the evaluation transform the weights were published with."""
+def weights_input_size(weights) -> tuple[int, int, str]:
+    """(resize, crop, interpolation) of the evaluation transform the weights were published with
+    (EfficientNet's weights were evaluated with bicubic resizing, the others with bilinear)."""
     transform = weights.transforms()
-    return transform.resize_size[0], transform.crop_size[0]
+    return transform.resize_size[0], transform.crop_size[0], transform.interpolation.value
 
 
 def build_model(name: str, checkpoint: str | Path | None = None, num_classes: int | None = None,
@@ -306,7 +308,7 @@ def build_model(name: str, checkpoint: str | Path | None = None, num_classes: in
     checkpoint: a CIFAR .th file, or a state dict saved with torch.save / safetensors.
     pretrained: torchvision / timm ImageNet weights (needs internet the first time): True for the
     default ones, or the name of a torchvision weights entry ("IMAGENET1K_V1"). The model's
-    `input_size` is then the (resize, crop) those weights were evaluated with.
+    `input_size` is then the (resize, crop, interpolation) those weights were evaluated with.
     """
     import torchvision.models as tvm
 

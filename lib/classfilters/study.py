@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 import yaml
 
-from .data import ImageSplit, open_dataset
+from .data import ImageSplit, folder_transform, open_dataset
 from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
 from .features import extract_features_many
 from .influence import InfluentialFeatures, influential_features
@@ -170,8 +170,8 @@ class Study:
 
     # ---------------------------------------------------------------------------------- data and models
 
-    def split(self, which: str, size: tuple[int, int] | None = None) -> ImageSplit:
-        """The profile's train or test split; for image folders, at a model's (resize, crop)."""
+    def split(self, which: str, size: tuple | None = None) -> ImageSplit:
+        """The profile's train or test split; for image folders, as a model's (resize, crop, interpolation)."""
         if (which, size) not in self._splits:
             cap = self.get("max_train") if which == "train" else self.get("max_test")
             self._splits[which, size] = limit(open_dataset(dataset_spec(self.dataset), which, size), cap,
@@ -222,11 +222,12 @@ class Study:
 
     def _add_runs(self, models: dict[str, FeatureModel]) -> None:
         """Features of `models`: one pass over each split for all the models that see the images
-        at the same size (an image folder is decoded at each model's `input_size`)."""
+        the same way (an image folder is decoded as each model's `input_size` says: resize, crop,
+        interpolation)."""
         kw = {"batch_size": self.get("batch_size", 256), "device": self.get("device"),
               "progress": self.get("progress", False)}
         folder = self.dataset.startswith("imagefolder")  # only image folders are decoded at a chosen size
-        sizes = {name: m.input_size if folder else None for name, m in models.items()}
+        sizes = {name: folder_transform(m.input_size) if folder else None for name, m in models.items()}
         for size in dict.fromkeys(sizes.values()):
             group = {name: m for name, m in models.items() if sizes[name] == size}
             train, test = self.split("train", size), self.split("test", size)
