@@ -11,6 +11,7 @@ cost the same per row, and the full ImageNet-scale loops take minutes.
 """
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +31,16 @@ def relu_features(n, d, c, seed=0):
     return features, labels
 
 
+def keep_result(out: list, fn, *args):
+    out.append(fn(*args))
+
+
+def plain_topk_bincount(features, labels, c, k):
+    """The GPU baseline: torch's top-k of every row, then one bincount over (class, feature)."""
+    d = features.shape[1]
+    return torch.bincount((labels[:, None] * d + features.topk(k, 1).indices).flatten(), minlength=c * d)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=None, help="ImageNet-scale rows (default: all on GPU, 200,000 on CPU)")
@@ -43,14 +54,14 @@ def main():
     for scale, n, d, c, k in (("cifar", 50_000, 64, 10, 5), ("imagenet", imagenet_rows, 2048, 1000, 50)):
         features, labels = relu_features(n, d, c)
         ours_in = (features.to(device), labels.to(device))
-        ours = best_of(lambda: influential_features(*ours_in, k, k, num_classes=c), sync=sync)
+        ours = best_of(partial(influential_features, *ours_in, k, k, num_classes=c), sync=sync)
         m = min(n, args.loop_rows or n)  # rows the loops run on; their time is scaled by n / m
         result = influential_features(ours_in[0][:m], ours_in[1][:m], k, k, num_classes=c).indices
         loops = {}
         for name, loop, loop_in in (("torch_loop", influential_features_torch_loop, (features[:m], labels[:m])),
                                     ("numpy_loop", influential_features_loop, (features[:m].numpy(), labels[:m].numpy()))):
             out = []
-            loops[name] = best_of(lambda: out.append(loop(*loop_in, k, k, c)), repeat=1) * n / m
+            loops[name] = best_of(partial(keep_result, out, loop, *loop_in, k, k, c), repeat=1) * n / m
             assert out[0] == result, f"{name} disagrees with the vectorised result"
         rows.append({"scale": scale, "rows": n, "loop_rows": m, "D": d, "classes": c, "k": k, "device": device.type, "ours_s": ours,
                      **{f"{name}_s": t for name, t in loops.items()},
@@ -58,10 +69,9 @@ def main():
         if device.type == "cuda":  # the Triton kernel alone, for each number of warps per row
             from classfilters.topk_gpu import class_histograms_gpu
             for warps in (1, 2, 4, 8):
-                kernel = best_of(lambda: class_histograms_gpu(*ours_in, c, k, num_warps=warps), sync=sync)
+                kernel = best_of(partial(class_histograms_gpu, *ours_in, c, k, num_warps=warps), sync=sync)
                 rows.append({"scale": scale, "rows": n, "D": d, "k": k, "kernel_num_warps": warps, "kernel_s": kernel})
-            plain = best_of(lambda: torch.bincount((ours_in[1][:, None] * d + ours_in[0].topk(k, 1).indices).flatten(),
-                                                   minlength=c * d), sync=sync)
+            plain = best_of(partial(plain_topk_bincount, *ours_in, c, k), sync=sync)
             rows.append({"scale": scale, "rows": n, "D": d, "k": k, "plain_topk_bincount_s": plain})
     record("influence", rows)
 

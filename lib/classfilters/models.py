@@ -107,7 +107,7 @@ def load_cifar_resnet(path: str | Path, depth: int | None = None, num_classes: i
         raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); is it a complete torch.save file?") from e
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")  # noqa: TRY004 (bad file, not bad argument)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
     found_depth = 6 * len(blocks) + 2 if blocks else None
