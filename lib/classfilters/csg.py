@@ -83,7 +83,7 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
     gen = torch.Generator().manual_seed(seed)
     # crops and flips drawn on the GPU there (no step waits for the host), else from the order's generator
     augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if device.type == "cuda" else gen
-    gated = GatedModel(copy.deepcopy(model)).to(device).train()
+    gated = GatedModel(copy.deepcopy(model)).to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD([{"params": gated.model.parameters(), "weight_decay": recipe.weight_decay},
                            {"params": [gated.gates], "weight_decay": 0.0}],
                           lr=recipe.lr, momentum=0.9, nesterov=True)
@@ -95,8 +95,11 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
     for _ in tqdm(range(recipe.epochs), desc=f"CSG {model.name}", disable=not progress, unit="epoch"):
         for images, labels in shuffled_batches(split, recipe.batch_size, gen, device):
             x = split.normalize(augment(images, padding, recipe.flip, augment_gen))
+            x = x.contiguous(memory_format=torch.channels_last)
             gated_step = step % 2 == 1
-            loss = F.cross_entropy(gated(x, labels if gated_step else None), labels)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = gated(x, labels if gated_step else None)
+            loss = F.cross_entropy(logits.float(), labels)
             if gated_step:
                 loss = loss + sparsity_loss(gated.gates, lam)
             opt.zero_grad(set_to_none=True)
@@ -113,7 +116,7 @@ def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = 
     """`train_csg`, cached under the starting weights, the split, the recipe, lam and the seed."""
     recipe = recipe or Recipe()
     key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam,
-           "seed": seed}
+           "seed": seed, "memory_format": "channels_last", "precision": "bf16 on GPUs"}
     gated = GatedModel(copy.deepcopy(model))
     if (state := cache.load("csg", key)) is not None:
         gated.load_state_dict(state)

