@@ -164,6 +164,23 @@ def test_imagenet_profile_with_random_weights(tmp_path, fake_imagenet):
     assert len(table(out, "table7_maps")) == 2 and len(table(out, "table1_csg")) == 3
 
 
+def test_cifar10_profile_on_the_shared_data(tmp_path, shared_data, monkeypatch):
+    """The GPU reproduction's profile as written, cut down to 500 / 300 JPEG images, one epoch and
+    two of its models: one trained here, one shared checkpoint evaluated as it is."""
+    monkeypatch.setenv("CLASSFILTERS_SHARED_DATA", str(shared_data.resolve()))
+    overrides = {"max_train": 500, "max_test": 300, "models": ["resnet20", "resnet20@shared"],
+                 "train": {"epochs": 1, "batch_size": 128, "lr": 0.05, "flip": True}, "csg_epochs": 1,
+                 "grid_k": [1, 5, 16, 64], "vis_images": 2, "batch_size": 256}
+    out = execute(tmp_path, "cifar10", overrides)
+    depth = table(out, "table2-6_depth_study").set_index("model")
+    assert list(depth.index) == ["resnet20", "resnet20@shared"]
+    assert list(depth.family) == ["ResNet (CIFAR)", "ResNet (CIFAR), shared"]
+    assert 0.72 <= depth.acc_full["resnet20@shared"] <= 0.90  # 81 % on the whole JPEG test split
+    assert (depth.D == 64).all() and (depth.C == 10).all()
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["profile"] == "cifar10" and all(n["status"] == "ok" for n in provenance["notebooks"].values())
+
+
 def test_runner_stops_at_the_failing_notebook_and_resumes(tmp_path, monkeypatch):
     folder = tmp_path / "nbs"
     folder.mkdir()
