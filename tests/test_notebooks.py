@@ -213,6 +213,20 @@ def test_runner_picks_notebooks_and_parses_overrides():
         {"k": 10, "train": {"epochs": 2}, "models": ["resnet8"]}
 
 
+def test_a_misspelt_setting_is_named_not_ignored(tmp_path):
+    from classfilters.study import load_profile
+    with pytest.raises(ValueError, match=r"unknown setting 'kprime' in the overrides \(did you mean 'k_prime'\?\)"):
+        load_profile("demo", {"kprime": 10})
+    with pytest.raises(ValueError, match=r"'train.epoch' .* \(did you mean 'train.epochs'\?\)"):
+        load_profile("demo", {"train": {"epoch": 2}})
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: demo\nmax_trian: 100\n")
+    with pytest.raises(ValueError, match=r"unknown setting 'max_trian' in .*mine.yaml \(did you mean 'max_train'"):
+        load_profile(mine)
+    with pytest.raises(SystemExit, match="did you mean 'k_prime'"):
+        runner.main(["--set", "kprime=10"])
+
+
 def test_tagged_model_needs_a_checkpoint(tmp_path):
     from classfilters import study
     S = study.open_study("demo", {"name": "t"}, tmp_path)

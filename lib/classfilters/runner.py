@@ -164,7 +164,10 @@ def main(argv=None) -> int:
     p.add_argument("--figures", type=Path, help="output folder (default figures/<profile>/)")
     p.add_argument("--runs", type=Path, help="executed notebooks folder (default runs/<profile>/)")
     args = p.parse_args(argv)
-    return run(args.profile, args.only, args.resume, parse_set(args.set), args.figures, args.runs)
+    try:
+        return run(args.profile, args.only, args.resume, parse_set(args.set), args.figures, args.runs)
+    except (FileNotFoundError, ValueError) as e:  # no such profile, a misspelt setting
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ before it, so one profile can hold a checkpoint and a freshly trained model of t
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -79,11 +80,27 @@ def load_profile(profile: str | Path, overrides: dict | None = None) -> dict:
     """The profile's values (after `extends` and the overrides), with `name` set and variables expanded."""
     path = profile_path(profile)
     values = yaml.safe_load(path.read_text()) or {}
+    check_settings(values, str(path))
+    check_settings(overrides or {}, "the overrides")
     name = values.get("name", path.stem)
     parent = values.pop("extends", None)
     if parent:
         values = merge(load_profile(parent), values)
     return expand(merge({**values, "name": name}, overrides or {}))
+
+
+def check_settings(values: dict, where: str) -> None:
+    """Only settings the notebooks read (those of profiles/demo.yaml, and a Recipe's under `train`):
+    a misspelt one fails here instead of being silently ignored."""
+    known = {*yaml.safe_load((repo_root() / "profiles" / "demo.yaml").read_text()), "name", "extends", "progress"}
+    recipe = {f.name for f in fields(Recipe)}
+    for key, allowed, prefix in [*((k, known, "") for k in values),
+                                 *((k, recipe, "train.") for k in (values.get("train") or {}))]:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown setting '{prefix}{key}' in {where}{hint}; every setting is listed, with "
+                             f"what it does, in profiles/demo.yaml (train: the fields of classfilters.Recipe)")
 
 
 def resolve(path: str) -> str:
