@@ -99,8 +99,9 @@ def parse_set(items: list[str]) -> dict:
 
 def run(profile: str, only: str | None = None, resume: bool = False, overrides: dict | None = None,
         figures_dir: Path | None = None, runs_dir: Path | None = None, notebooks_dir: Path | None = None,
-        log=print) -> int:
-    """Execute the notebooks; 0 when all succeeded, 1 at the first failure (after saving provenance)."""
+        log=print, progress: bool = True) -> int:
+    """Execute the notebooks; 0 when all succeeded, 1 at the first failure (after saving provenance).
+    `progress`: papermill's bar over each notebook's cells, on stderr."""
     import papermill
 
     root = repo_root()
@@ -133,7 +134,8 @@ def run(profile: str, only: str | None = None, resume: bool = False, overrides: 
             papermill.execute_notebook(str(nb), str(runs_dir / nb.name), kernel_name="python3", cwd=str(root),
                                        parameters={"profile": str(profile_path(profile)), "overrides": values,
                                                    "out_dir": str(figures_dir)},
-                                       progress_bar=False, log_output=False)
+                                       progress_bar=progress and {"desc": nb.stem, "unit": "cell"},
+                                       log_output=False)
             entry = {"status": "ok"}
         except Exception as e:  # noqa: BLE001 -- any failure is recorded; PapermillExecutionError carries the cell's error
             ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
