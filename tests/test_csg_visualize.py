@@ -42,3 +42,22 @@ def test_maps_over_the_images(digits_model):
     assert visualize.image_correlation(images, maps).abs().max() <= 1 + 1e-5
     fig = visualize.overlay_figure(images, maps, ["a", "b", "c", "d"])
     assert len(fig.axes) == 16
+
+
+def test_csg_out_of_memory_goes_on_in_micro_batches(digits_model, monkeypatch, capsys):
+    """A simulated CUDA out-of-memory on batches over 20 images: CSG redoes the step in halves and goes on."""
+    forward, sizes = csg.GatedModel.forward, []
+
+    def small_memory(self, x, labels=None):
+        sizes.append(len(x))
+        if len(x) > 20:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, x, labels)
+
+    monkeypatch.setattr(csg.GatedModel, "forward", small_memory)
+    train = open_dataset("digits", "train").subset(torch.arange(256))
+    gated = csg.train_csg(digits_model, train, Recipe(epochs=1, batch_size=64, lr=0.02, flip=False), lam=0.01)
+    assert max(s for s in sizes if s <= 20) == 16 and sizes.count(64) == 1  # backed off once, then stayed there
+    assert "micro-batches of 16" in capsys.readouterr().err
+    g = gated.gates.detach()
+    assert g.min() >= 0 and g.max() <= 1 and not torch.equal(gated.model.head.weight, digits_model.head.weight)

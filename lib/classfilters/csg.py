@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from .data import ImageSplit
 from .decomposed import accuracy
 from .features import default_device
 from .models import FeatureModel, fingerprint
-from .train import Recipe, augment, one_cycle
+from .train import Recipe, augment, one_cycle, step_in_micro_batches
 
 
 class GatedModel(nn.Module):
@@ -91,24 +92,25 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
     sched = one_cycle(opt, recipe.lr, steps)
     width = split.images.shape[-1] if split.images is not None else 224
     padding = recipe.crop_padding if recipe.crop_padding is not None else width // 8
-    step = 0
+    step, micro = 0, recipe.batch_size
     for _ in tqdm(range(recipe.epochs), desc=f"CSG {model.name}", disable=not progress, unit="epoch"):
         for images, labels in shuffled_batches(split, recipe.batch_size, gen, device):
             x = split.normalize(augment(images, padding, recipe.flip, augment_gen))
             x = x.contiguous(memory_format=torch.channels_last)
             gated_step = step % 2 == 1
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = gated(x, labels if gated_step else None)
-            loss = F.cross_entropy(logits.float(), labels)
-            if gated_step:
-                loss = loss + sparsity_loss(gated.gates, lam)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            micro = step_in_micro_batches(opt, x, labels, micro, partial(_chunk_loss, gated, gated_step, len(x)),
+                                          partial(sparsity_loss, gated.gates, lam) if gated_step else None)
             sched.step()
             normalize_gates_(gated.gates)
             step += 1
     return gated.cpu().eval()
+
+
+def _chunk_loss(gated: GatedModel, gated_step: bool, batch: int, x, labels) -> torch.Tensor:
+    """The chunk's share of the batch's mean cross-entropy, through the gated or the standard path."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        logits = gated(x, labels if gated_step else None)
+    return F.cross_entropy(logits.float(), labels, reduction="sum") / batch
 
 
 def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = None, lam: float = 0.01,

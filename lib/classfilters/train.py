@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,8 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
             mine = batch[len(batch) * rank // size:len(batch) * (rank + 1) // size]
             x = split.normalize(augment(images[mine], padding, recipe.flip, augment_gen))
             x = x.contiguous(memory_format=torch.channels_last)
-            micro = _train_step(net, opt, x, labels[mine], size / len(batch), micro, recipe, device, bf16)
+            micro = step_in_micro_batches(opt, x, labels[mine], micro, partial(
+                _chunk_loss, net, weight=size / len(batch), smoothing=recipe.label_smoothing, bf16=bf16))
             sched.step()
     if size > 1:  # every rank ends with rank 0's BatchNorm statistics: one model, whichever rank saves it
         import torch.distributed as dist
@@ -119,24 +121,32 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
     return model.eval()
 
 
-def _train_step(net, opt, x, y, weight, micro, recipe, device, bf16) -> int:
-    """One optimiser step on (x, y) in micro-batches of `micro`; on CUDA out-of-memory, halve and redo."""
+def _chunk_loss(net, x, y, weight: float, smoothing: float, bf16: bool) -> torch.Tensor:
+    """Cross-entropy summed over the chunk, times `weight` (1 / the whole batch, times the ranks)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = net(x)
+    return F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="sum") * weight
+
+
+def step_in_micro_batches(opt, x, y, micro: int, chunk_loss, extra_loss=None) -> int:
+    """One optimiser step on the batch (x, y): `chunk_loss(x_part, y_part)` over micro-batches of
+    `micro` (gradients accumulated; each chunk's loss carries its share of the batch), plus
+    `extra_loss()` once. Out of GPU memory, halve `micro`, redo the step and say so. Returns `micro`
+    (the next step starts from it)."""
     while True:
         try:
             opt.zero_grad(set_to_none=True)
             for a in range(0, len(x), micro):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = net(x[a:a + micro])
-                loss = F.cross_entropy(logits, y[a:a + micro], label_smoothing=recipe.label_smoothing,
-                                       reduction="sum") * weight
-                loss.backward()
+                chunk_loss(x[a:a + micro], y[a:a + micro]).backward()
+            if extra_loss is not None:
+                extra_loss().backward()
             opt.step()
             return micro
         except torch.cuda.OutOfMemoryError:
             if micro == 1:
                 raise
             micro //= 2
-            if device.type == "cuda":
+            if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             tqdm.write(f"out of GPU memory: going on with micro-batches of {micro} (gradients accumulated)",
                        file=sys.stderr)
