@@ -103,6 +103,13 @@ def run(profile: str, only: str | None = None, resume: bool = False, overrides: 
     """Execute the notebooks; 0 when all succeeded, 1 at the first failure (after saving provenance).
     `progress`: papermill's bar over each notebook's cells, on stderr."""
     import papermill
+    from jupyter_client.manager import KernelManager
+
+    class LocalKernelManager(KernelManager):
+        """On POSIX, kernels talk over local sockets (IPC), not TCP ports: no port to race for, nothing on
+        the network (and no warning about unencrypted TCP from ipykernel)."""
+        def __init__(self, **kwargs):
+            super().__init__(**({"transport": "ipc"} if os.name == "posix" else {}), **kwargs)
 
     root = repo_root()
     values = load_profile(profile, overrides)
@@ -135,7 +142,7 @@ def run(profile: str, only: str | None = None, resume: bool = False, overrides: 
                                        parameters={"profile": str(profile_path(profile)), "overrides": values,
                                                    "out_dir": str(figures_dir)},
                                        progress_bar=progress and {"desc": nb.stem, "unit": "cell"},
-                                       log_output=False)
+                                       log_output=False, kernel_manager_class=LocalKernelManager)
             entry = {"status": "ok"}
         except Exception as e:  # noqa: BLE001 -- any failure is recorded; PapermillExecutionError carries the cell's error
             ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
