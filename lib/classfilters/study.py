@@ -269,7 +269,7 @@ class Study:
     def save_figure(self, fig, name: str):
         """`fig` as figures/<profile>/<name>.png and .pdf; returns it for display."""
         fig.savefig(self.out_dir / f"{name}.png", dpi=150, bbox_inches="tight")
-        fig.savefig(self.out_dir / f"{name}.pdf", bbox_inches="tight")
+        fig.savefig(self.out_dir / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})  # same figure, same bytes
         return fig
 
 
