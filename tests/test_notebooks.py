@@ -94,6 +94,7 @@ def test_depth_study_table(tiny, digits_model):
     assert list(depth.model) == ["resnet8", "resnet14", "resnet8@saved"]
     assert list(depth.family) == ["ResNet (CIFAR)", "ResNet (CIFAR)", "ResNet (CIFAR), saved"]
     assert (depth.D == 64).all() and (depth.C == 10).all()
+    assert len(table(tiny, "table_depth_resnet_cifar")) == 2 and len(table(tiny, "table_depth_resnet_cifar_saved")) == 1
     train, test = open_dataset("digits", "train"), open_dataset("digits", "test")  # resnet8@saved is the saved model
     influence = influential_features(extract_features(digits_model, train, progress=False), train.labels, 5, 5)
     saved = evaluate(digits_model.head, influence, extract_features(digits_model, test, progress=False), test.labels)

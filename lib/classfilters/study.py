@@ -138,6 +138,11 @@ def family(name: str) -> str:
     return f"{label}, {tag}" if tag else label
 
 
+def slug(text: str) -> str:
+    """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared"."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
 def base_family(name: str) -> str:
     for prefix, label in (("wide_resnet", "Wide ResNet"), ("densenet", "DenseNet"),
                           ("efficientnet", "EfficientNet"), ("timm:", "timm")):
