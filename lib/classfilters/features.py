@@ -2,10 +2,11 @@
 
 `extract_features(model, split)` runs the model over a split in batches (no DataLoader for
 in-memory splits; worker processes for streamed folders) in channels_last (1.2-2x faster
-convolutions on the CPU too), with bf16 autocast on the GPU, shows a tqdm bar, and returns float32 (N, D) features in dataset order.
+convolutions on the CPU too), with bf16 autocast on the GPU, shows a tqdm bar, and returns
+float32 (N, D) features in dataset order.
 
-- Cache: keyed by the model's weights, the split's fingerprint, the normalisation and the
-  precision; a changed checkpoint never reuses a stale entry (see cache.py).
+- Cache: keyed by the model's weights, the split's fingerprint, the normalisation, the
+  precision and the memory format; a changed checkpoint never reuses a stale entry (see cache.py).
 - Resumable: progress is saved every `checkpoint_every` images; an interrupted run resumes.
 - Many processes: under `torchrun` (torch.distributed initialised, e.g. by `init_distributed`),
   rank r extracts the r-th contiguous slice and the slices are gathered, so every rank gets
@@ -94,7 +95,8 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
     device = torch.device(device) if device is not None else default_device()
     bf16 = (device.type == "cuda") if bf16 is None else bf16
     keys = {name: {"model": fingerprint(m), "data": split.fingerprint, "mean": split.mean, "std": split.std,
-                   "precision": "bf16" if bf16 else "fp32", "memory_format": "channels_last", "n": len(split)} for name, m in models.items()}
+                   "precision": "bf16" if bf16 else "fp32", "memory_format": "channels_last", "n": len(split)}
+            for name, m in models.items()}
     result = {}
     for name, key in keys.items():
         if use_cache and (hit := cache.load("features", key)) is not None:
