@@ -99,3 +99,19 @@ def test_whole_network_finetuning_keeps_the_decomposition(digits_model):
         bumped[:, ~influence.mask[0]] += 5.0
         assert torch.equal(model.head(bumped)[:, 0], logits[:, 0])  # class 0 still reads only I_0
     assert (logits.argmax(1) == test.labels).float().mean() > before["acc_decomposed"]  # retraining recovers accuracy
+
+
+def test_decomposed_softmax_by_hand_below_full_width():
+    """k' < D: each class scored in its own subspace, z_c = sum_{j in I_c} W[c, j] phi_j + b_c, then a softmax."""
+    from classfilters import InfluentialFeatures
+    head = nn.Linear(3, 2)
+    head.weight.data = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    head.bias.data = torch.tensor([0.5, -0.5])
+    influence = InfluentialFeatures([[2], [0, 1]], torch.zeros(2, 3, dtype=torch.int64), 1, 2)
+    phi = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 1.0]])
+    z = torch.tensor([[3.0 + 0.5, 4.0 + 5.0 - 0.5], [3.0 + 0.5, 10.0 - 0.5]])
+    expected = torch.exp(z) / torch.exp(z).sum(1, keepdim=True)
+    decomposed = DecomposedHead(head, influence)
+    assert torch.allclose(decomposed(phi), z)
+    assert torch.allclose(decomposed.decomposed_softmax(phi), expected)
+    assert not torch.allclose(decomposed.decomposed_softmax(phi), head(phi).softmax(-1))

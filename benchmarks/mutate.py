@@ -1,0 +1,125 @@
+"""Mutation testing of the modules that hold the paper's logic, with mutmut 3 (`make mutate`).
+
+mutmut imports mutated code from `src/` (or the project root) only, so this stages a scratch copy
+(`lib/classfilters` as `src/classfilters`, plus `tests/`) and runs `mutmut run` there: every
+function of the chosen modules is mutated one small change at a time, and each mutant runs the
+tests that reach it. A mutant the tests still pass ("survived") is a bug they would miss.
+
+    python benchmarks/mutate.py                        # every module below (an hour or more on 2 cores)
+    python benchmarks/mutate.py --modules overlap      # one module
+    python benchmarks/mutate.py --keep /tmp/mut        # keep the scratch copy (then `mutmut browse` there)
+
+Writes `benchmarks/results/mutation.json`: per module the mutants killed, survived, timed out and
+not covered, the score (killed / (killed + survived + no tests)), the surviving mutants' names, the
+commit and the machine. Survivors are reviewed in `benchmarks/README.md`: killed by a new test or
+explained as equivalent. Not run in CI (too slow on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# module -> the test files that exercise it (the fast ones: each mutant runs those reaching its function)
+MODULES = {
+    "influence": ["test_influence.py", "test_planted_bugs.py"],
+    "decomposed": ["test_decomposed.py"],
+    "ablation": ["test_ablation_overlap.py"],
+    "overlap": ["test_ablation_overlap.py"],
+    "visualize": ["test_csg_visualize.py", "test_planted_bugs.py"],
+    "csg": ["test_csg_visualize.py"],
+}
+COUNTED = {"killed", "survived", "timeout", "no tests", "suspicious", "segfault"}
+
+
+def stage(scratch: Path, modules: list[str]) -> None:
+    """src/classfilters, tests/ and a pyproject whose [tool.mutmut] names the modules and their tests."""
+    shutil.copytree(REPO / "lib" / "classfilters", scratch / "src" / "classfilters",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "tests", scratch / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    tests = sorted({f"tests/{t}" for m in modules for t in MODULES[m]})
+    only = ", ".join(f'"src/classfilters/{m}.py"' for m in modules)
+    selection = ", ".join(f'"{t}"' for t in tests)
+    (scratch / "pyproject.toml").write_text(
+        "[tool.mutmut]\n"
+        'source_paths = ["src"]\n'
+        f"only_mutate = [{only}]\n"
+        f"pytest_add_cli_args_test_selection = [{selection}]\n"
+        'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider"]\n'
+        'process_isolation = "forkserver"\n'  # torch is not fork-safe after the stats run
+        "mutate_only_covered_lines = true\n")
+
+
+def statuses(scratch: Path) -> dict[str, str]:
+    """mutant name -> status, from `mutmut results --all true` ("name: status" lines)."""
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=scratch,
+                         capture_output=True, text=True, check=True).stdout
+    pairs = (line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
+    return {name: status for name, status in pairs}
+
+
+def summarise(found: dict[str, str], modules: list[str]) -> dict:
+    out = {}
+    for module in modules:
+        mine = {n: s for n, s in found.items() if n.startswith(f"classfilters.{module}.")}
+        counts = Counter(mine.values())
+        scored = counts["killed"] + counts["timeout"] + counts["survived"] + counts["no tests"]
+        out[module] = {**{s: counts[s] for s in sorted(COUNTED | set(counts))},
+                       "score": round((counts["killed"] + counts["timeout"]) / scored, 4) if scored else None,
+                       "survivors": sorted(n for n, s in mine.items() if s in ("survived", "no tests"))}
+    return out
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modules", nargs="+", choices=sorted(MODULES), default=sorted(MODULES))
+    p.add_argument("--keep", type=Path, help="stage here and keep it (default: a temporary folder, removed)")
+    p.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="classfilters-mutate-"))
+    if scratch.exists() and any(scratch.iterdir()) and not (scratch / "mutants").is_dir():
+        raise SystemExit(f"{scratch} exists and is not an earlier mutation run: choose an empty folder")
+    shutil.rmtree(scratch / "src", ignore_errors=True)
+    shutil.rmtree(scratch / "tests", ignore_errors=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    stage(scratch, args.modules)
+    env = {**os.environ, "CLASSFILTERS_SHARED_DATA": os.environ.get("CLASSFILTERS_SHARED_DATA",
+                                                                     str(REPO.parent / "shared" / "data"))}
+    env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; nothing may shadow it
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)], cwd=scratch,
+                   env=env, check=False)
+    result = {"commit": commit(), "machine": machine(), "tool": "mutmut 3",
+              "modules": summarise(statuses(scratch), args.modules)}
+    path = RESULTS / "mutation.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    merged = {**old, **result, "modules": {**old.get("modules", {}), **result["modules"]}}
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    for module, r in result["modules"].items():
+        print(f"{module}: score {r['score']}, killed {r['killed']}, survived {r['survived']}, "
+              f"no tests {r['no tests']}, timeout {r['timeout']}")
+    if not args.keep:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
