@@ -4,7 +4,7 @@ PYTHON ?= python3
 # `make demo PROFILE=cifar10` runs another profile (profiles/*.yaml)
 PROFILE ?= demo
 
-.PHONY: install demo lab test bench bench-gpu
+.PHONY: install demo lab test bench bench-gpu mutate
 install:
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
@@ -33,3 +33,9 @@ bench-gpu: install
 	$(PYTHON) benchmarks/bench_decode.py --device cuda
 	$(PYTHON) benchmarks/bench_study.py --device cuda
 	$(PYTHON) benchmarks/bench_train.py --device cuda
+
+# mutation testing of the paper's logic (mutmut 3; an hour or more on 2 cores, not in CI):
+# the score per module and the surviving mutants in benchmarks/results/mutation.json
+mutate: install
+	$(PYTHON) -m pip install -q "mutmut>=3.8,<4"
+	$(PYTHON) benchmarks/mutate.py
