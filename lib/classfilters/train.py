@@ -11,31 +11,20 @@ from __future__ import annotations
 
 import gc
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import cache
 from .data import ImageSplit
 from .decomposed import DecomposedHead, accuracy
-from .features import default_device, world
+from .device import default_device, world
 from .models import FeatureModel, build_model
-
-
-@dataclass
-class Recipe:
-    epochs: int = 30            # passes over the training split
-    batch_size: int = 128       # images per step
-    lr: float = 0.1             # peak learning rate of the one-cycle schedule
-    weight_decay: float = 5e-4  # L2 on all weights
-    crop_padding: int | None = None  # random-crop padding in pixels (None: an eighth of the width; 0: none)
-    flip: bool = True           # random horizontal flips (off for digits)
-    label_smoothing: float = 0.0
-    compile: bool = False       # torch.compile the network (CUDA graphs on a GPU): a slower start, faster steps
+from .progress import tqdm
+from .recipe import Recipe
 
 
 def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
