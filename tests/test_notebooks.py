@@ -68,6 +68,23 @@ def test_every_output_and_provenance(tiny):
     assert prov["profile_values"]["model"] == "resnet8" and len(prov["source_hash"]) == 64
 
 
+def test_executed_notebooks_embed_their_figures_once(tiny):
+    """The runner's copies in runs/ are documents: every plot cell carries a PNG, none the Agg text
+    `<Figure size ...>`, and no figure saved at the end of a cell appears twice."""
+    for path in NOTEBOOKS:
+        nb = nbformat.read(tiny.parent / "runs" / path.name, as_version=4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert not any("<Figure size" in str(o.get("data", {}).get("text/plain", "")) for o in outputs), path.name
+        for cell in nb.cells:
+            if cell.cell_type == "code" and "S.save_figure(" in cell.source:
+                pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+                assert len(pngs) == 1, f"{path.name}: {len(pngs)} images in a cell saving one figure"
+    injected = next(c for c in nbformat.read(tiny.parent / "runs" / "01_influence.ipynb", as_version=4).cells
+                    if "injected-parameters" in c.metadata.get("tags", []))
+    assert "fig2_class = 0" in injected.source and "k = 5" in injected.source  # only the notebook's knobs
+    assert "overrides" not in injected.source and "grid_k" not in injected.source
+
+
 def test_influence_tables(tiny):
     hist = table(tiny, "fig2_histogram")
     assert len(hist) == 64 and hist["count"].sum() == 5 * (hist["count"].sum() // 5)

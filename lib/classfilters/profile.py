@@ -93,10 +93,16 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
+VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
 def expand(value):
     """`${VAR:-default}` and `${VAR}` in strings (recursively in lists and dicts) from the environment."""
     if isinstance(value, str):
-        return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+        out = VARIABLE.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+        if VARIABLE.fullmatch(value):  # a whole value from a variable is read as YAML: `max_test: ${N:-100}` is 100
+            return yaml.safe_load(out) if out.strip() else None
+        return out
     if isinstance(value, list):
         return [expand(v) for v in value]
     if isinstance(value, dict):
