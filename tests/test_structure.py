@@ -186,6 +186,17 @@ def test_panel_state_marks_zero_count_picks_and_matches_evaluate():
     assert "count 0" in panel.summary(s)
 
 
+def test_panel_histograms_for_every_k_equal_algorithm_1():
+    from classfilters.influence import class_histograms
+    gen = torch.Generator().manual_seed(1)
+    for features in (torch.relu(torch.randn(300, 16, generator=gen)), torch.randn(300, 16, generator=gen)):
+        labels = torch.randint(0, 4, (300,), generator=gen)
+        labels[:4] = torch.arange(4)
+        panel = panel_for(features, labels)
+        for k in (1, 3, 16):
+            assert torch.equal(panel.histograms(k), class_histograms(features, labels, 4, k)[0])
+
+
 def test_panel_widget_builds():
     pytest.importorskip("ipywidgets")
     import pandas as pd
