@@ -233,6 +233,7 @@ def test_resume_reruns_what_is_not_provably_current(tmp_path, monkeypatch):
         return "\n".join(log)
 
     assert "01_write ..." in resume()
+    assert "CLASSFILTERS_PROGRESS" not in os.environ  # the kernels' environment is theirs alone
     assert (tmp_path / "figures" / "table.csv").read_text() == "k,3\n"  # the runner passed the notebook's knob
     prov = json.loads((tmp_path / "figures" / "provenance.json").read_text())
     assert prov["notebooks"]["01_write"]["outputs"].keys() == {"table.csv"}

@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import provenance
@@ -43,6 +44,25 @@ def pick(all_notebooks: list[Path], only: str) -> Path:
         return matches[0]
     raise SystemExit(f"--only {only!r} matches {[p.stem for p in matches] or 'no notebook'}; "
                      f"choose one of {[p.stem for p in all_notebooks]}")
+
+
+@contextmanager
+def kernel_environment():
+    """What the kernels inherit while the runner executes them: figures embedded as PNG (never the Agg
+    backend's `<Figure size ...>` text), progress bars as text that papermill forwards to this console.
+    This process's environment is restored after."""
+    values = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "CLASSFILTERS_PROGRESS": "text",
+              "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5")}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def notebook_parameters(nb: Path, profile_file: Path, out_dir: Path, values: dict) -> dict:
@@ -87,46 +107,43 @@ def run_notebooks(profile: str, only: str | None = None, resume: bool = False, o
     done = previous.get("notebooks", {}) if previous.get("profile_values") == values else {}
     record = {"profile": name, "profile_values": values, **code, "device": provenance.device_name(),
               "libraries": provenance.versions(), "notebooks": done}
-    # the kernels inherit these: figures embedded as PNG (never the Agg backend's `<Figure size ...>` text),
-    # and progress bars as text that papermill forwards to this console
-    os.environ.update(MPLBACKEND="module://matplotlib_inline.backend_inline", CLASSFILTERS_PROGRESS="text",
-                      TQDM_MININTERVAL=os.environ.get("TQDM_MININTERVAL", "5"))
     started = time.time()
     status = 0
-    for nb in todo:
-        entry = done.get(nb.stem, {})
-        if resume and not only:
-            stale = provenance.why_stale(entry, code, nb, runs_dir / nb.name, figures_dir)
-            if not stale:
-                log(f"[{name}] {nb.stem}: current (same library sources, notebook and outputs), skipped")
-                continue
-            if entry:
-                log(f"[{name}] {nb.stem}: run again ({stale})")
-        log(f"[{name}] {nb.stem} ...")
-        t0 = time.time()
-        try:
-            papermill.execute_notebook(str(nb), str(runs_dir / nb.name), kernel_name="python3", cwd=str(root),
-                                       parameters=notebook_parameters(nb, profile_file, figures_dir, values),
-                                       progress_bar=progress and {"desc": nb.stem, "unit": "cell"},
-                                       stderr_file=sys.stderr if progress else None,
-                                       log_output=False, kernel_manager_class=LocalKernelManager)
-            entry = {"status": "ok"}
-        except Exception as e:  # noqa: BLE001 -- any failure is recorded; PapermillExecutionError carries the cell's error
-            ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
-            entry = {"status": "failed", "error": f"{ename}: {evalue}"}
-            log(f"[{name}] {nb.stem} FAILED: {ename}: {evalue}\n  executed copy: {runs_dir / nb.name}")
-            status = 1
-        entry.update(provenance.entry_state(code, nb, figures_dir, t0), seconds=round(time.time() - t0, 1))
-        done[nb.stem] = entry
+    with kernel_environment():
+        for nb in todo:
+            entry = done.get(nb.stem, {})
+            if resume and not only:
+                stale = provenance.why_stale(entry, code, nb, runs_dir / nb.name, figures_dir)
+                if not stale:
+                    log(f"[{name}] {nb.stem}: current (same library sources, notebook and outputs), skipped")
+                    continue
+                if entry:
+                    log(f"[{name}] {nb.stem}: run again ({stale})")
+            log(f"[{name}] {nb.stem} ...")
+            t0 = time.time()
+            try:
+                papermill.execute_notebook(str(nb), str(runs_dir / nb.name), kernel_name="python3", cwd=str(root),
+                                           parameters=notebook_parameters(nb, profile_file, figures_dir, values),
+                                           progress_bar=progress and {"desc": nb.stem, "unit": "cell"},
+                                           stderr_file=sys.stderr if progress else None,
+                                           log_output=False, kernel_manager_class=LocalKernelManager)
+                entry = {"status": "ok"}
+            except Exception as e:  # noqa: BLE001 -- any failure is recorded; PapermillExecutionError carries the cell's error
+                ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
+                entry = {"status": "failed", "error": f"{ename}: {evalue}"}
+                log(f"[{name}] {nb.stem} FAILED: {ename}: {evalue}\n  executed copy: {runs_dir / nb.name}")
+                status = 1
+            entry.update(provenance.entry_state(code, nb, figures_dir, t0), seconds=round(time.time() - t0, 1))
+            done[nb.stem] = entry
+            record["total_seconds_this_run"] = round(time.time() - started, 1)
+            provenance.write(prov_path, record)
+            if status:
+                return status
+            log(f"[{name}] {nb.stem} ok in {entry['seconds']} s")
         record["total_seconds_this_run"] = round(time.time() - started, 1)
         provenance.write(prov_path, record)
-        if status:
-            return status
-        log(f"[{name}] {nb.stem} ok in {entry['seconds']} s")
-    record["total_seconds_this_run"] = round(time.time() - started, 1)
-    provenance.write(prov_path, record)
-    log(f"[{name}] all done in {record['total_seconds_this_run']} s: tables and figures in {figures_dir}")
-    return status
+        log(f"[{name}] all done in {record['total_seconds_this_run']} s: tables and figures in {figures_dir}")
+        return status
 
 
 def main(argv=None) -> int:
