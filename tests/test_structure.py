@@ -258,6 +258,7 @@ def test_provenance_is_written_atomically_and_names_the_commit_without_git(tmp_p
     path = tmp_path / "provenance.json"
     provenance.write(path, {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["provenance.json"]
+    assert path.stat().st_mode & 0o044  # readable by others, as any file the runner writes
     with pytest.raises(TypeError):
         provenance.write(path, {"a": object()})  # a failed write leaves the old file and no temporary
     assert json.loads(path.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1

@@ -116,6 +116,9 @@ def write(path: Path, record: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
