@@ -24,7 +24,7 @@ from bench_decode import SHARED
 from common import record
 
 from classfilters import build_model, extract_features, open_dataset
-from classfilters.study import limit
+from classfilters.session import limit
 
 
 def worker(rank, world_size, args, store, out):

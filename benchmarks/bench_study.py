@@ -25,7 +25,7 @@ from bench_decode import SHARED, PilFolder
 from common import record
 
 from classfilters import build_model, extract_features_many, open_dataset
-from classfilters.study import load_profile
+from classfilters.profile import load_profile
 
 
 def timed(fn, sync):
@@ -48,7 +48,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--models", default=",".join(load_profile("imagenet")["models"]))
+    p.add_argument("--models", default=",".join(load_profile("imagenet").models))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)

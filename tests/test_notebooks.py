@@ -26,8 +26,8 @@ TINY = {"name": "tiny", "dataset": "digits", "model": "resnet8", "models": ["res
 
 def execute(tmp_path, profile, overrides, only=None):
     log = []
-    status = runner.run(profile, only=only, overrides=overrides, figures_dir=tmp_path / "figures",
-                        runs_dir=tmp_path / "runs", log=log.append)
+    status = runner.run_notebooks(profile, only=only, overrides=overrides, figures_dir=tmp_path / "figures",
+                                  runs_dir=tmp_path / "runs", log=log.append)
     assert status == 0, "\n".join(log)
     return tmp_path / "figures"
 
@@ -65,7 +65,24 @@ def test_every_output_and_provenance(tiny):
     assert [n for n, e in prov["notebooks"].items() if e["status"] == "ok"] == [p.stem for p in NOTEBOOKS]
     assert all(e["seconds"] > 0 for e in prov["notebooks"].values())
     assert prov["libraries"]["torch"] == torch.__version__ and prov["device"] and len(prov["git_commit"]) >= 7
-    assert prov["profile_values"]["model"] == "resnet8"
+    assert prov["profile_values"]["model"] == "resnet8" and len(prov["source_hash"]) == 64
+
+
+def test_executed_notebooks_embed_their_figures_once(tiny):
+    """The runner's copies in runs/ are documents: every plot cell carries a PNG, none the Agg text
+    `<Figure size ...>`, and no figure saved at the end of a cell appears twice."""
+    for path in NOTEBOOKS:
+        nb = nbformat.read(tiny.parent / "runs" / path.name, as_version=4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert not any("<Figure size" in str(o.get("data", {}).get("text/plain", "")) for o in outputs), path.name
+        for cell in nb.cells:
+            if cell.cell_type == "code" and "S.save_figure(" in cell.source:
+                pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+                assert len(pngs) == 1, f"{path.name}: {len(pngs)} images in a cell saving one figure"
+    injected = next(c for c in nbformat.read(tiny.parent / "runs" / "01_influence.ipynb", as_version=4).cells
+                    if "injected-parameters" in c.metadata.get("tags", []))
+    assert "fig2_class = 0" in injected.source and "k = 5" in injected.source  # only the notebook's knobs
+    assert "overrides" not in injected.source and "grid_k" not in injected.source
 
 
 def test_influence_tables(tiny):
@@ -188,21 +205,21 @@ def test_runner_stops_at_the_failing_notebook_and_resumes(tmp_path, monkeypatch)
     for name, source in (("01_ok", "print('fine')"), ("02_broken", "raise ValueError('planted failure')"),
                          ("03_never", "print('unreachable')")):
         nb = nbformat.v4.new_notebook()
-        params = nbformat.v4.new_code_cell("profile = 'demo'\noverrides = {}\nout_dir = None")
+        params = nbformat.v4.new_code_cell("profile = 'demo'\nout_dir = None")
         params.metadata["tags"] = ["parameters"]
         nb.cells = [params, nbformat.v4.new_code_cell(source)]
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nbformat.write(nb, folder / f"{name}.ipynb")
     kw = {"figures_dir": tmp_path / "figures", "runs_dir": tmp_path / "runs", "notebooks_dir": folder}
     log = []
-    assert runner.run("demo", overrides={"name": "t"}, log=log.append, **kw) == 1
+    assert runner.run_notebooks("demo", overrides={"name": "t"}, log=log.append, **kw) == 1
     assert any("02_broken FAILED: ValueError: planted failure" in line for line in log)
     prov = json.loads((tmp_path / "figures" / "provenance.json").read_text())
     assert prov["notebooks"]["01_ok"]["status"] == "ok" and prov["notebooks"]["02_broken"]["status"] == "failed"
     assert "03_never" not in prov["notebooks"] and (tmp_path / "runs" / "02_broken.ipynb").is_file()
     log.clear()
-    assert runner.run("demo", overrides={"name": "t"}, resume=True, log=log.append, **kw) == 1
-    assert any("01_ok: done at this commit, skipped" in line for line in log)
+    assert runner.run_notebooks("demo", overrides={"name": "t"}, resume=True, log=log.append, **kw) == 1
+    assert any("01_ok: current" in line for line in log)
 
 
 def test_runner_picks_notebooks_and_parses_overrides():
@@ -215,7 +232,7 @@ def test_runner_picks_notebooks_and_parses_overrides():
 
 
 def test_a_misspelt_setting_is_named_not_ignored(tmp_path):
-    from classfilters.study import load_profile
+    from classfilters.profile import load_profile
     with pytest.raises(ValueError, match=r"unknown setting 'kprime' in the overrides \(did you mean 'k_prime'\?\)"):
         load_profile("demo", {"kprime": 10})
     with pytest.raises(ValueError, match=r"'train.epoch' .* \(did you mean 'train.epochs'\?\)"):
@@ -229,32 +246,33 @@ def test_a_misspelt_setting_is_named_not_ignored(tmp_path):
 
 
 def test_tagged_model_needs_a_checkpoint(tmp_path):
-    from classfilters import study
-    S = study.open_study("demo", {"name": "t"}, tmp_path)
+    from classfilters.session import open_study
+    S = open_study("demo", tmp_path, {"name": "t"})
     with pytest.raises(ValueError, match="has a tag but no entry under `checkpoints`"):
         S.build("resnet8@elsewhere")
 
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO / "profiles").glob("*.yaml")))
 def test_every_profile_loads(profile):
-    from classfilters.study import load_profile
-    values = load_profile(profile)
-    assert values["name"] == profile and values["model"] in values["models"]
-    for name in values["models"]:
-        assert "@" not in name or name in values["checkpoints"], f"{profile}: {name} has no checkpoint"
+    from classfilters.profile import load_profile
+    p = load_profile(profile)
+    assert p.name == profile and p.model in p.models
+    for name in p.models:
+        assert "@" not in name or name in p.checkpoints, f"{profile}: {name} has no checkpoint"
 
 
 def test_models_see_an_image_folder_at_their_own_size(tmp_path, fake_imagenet):
     """A model whose weights expect other (resize, crop) gets its own decode pass at that size;
     models at the same size share one."""
-    from classfilters import build_model, extract_features, open_dataset, study
-    S = study.open_study("imagenet", {"name": "t", "dataset": f"imagefolder:{fake_imagenet}", "weights": "random",
-                                      "batch_size": 4}, tmp_path)
+    from classfilters import build_model, extract_features, open_dataset
+    from classfilters.session import open_study
+    S = open_study("imagenet", tmp_path, {"name": "t", "dataset": f"imagefolder:{fake_imagenet}", "weights": "random",
+                                          "batch_size": 4})
     torch.manual_seed(0)
     small, default, other = (build_model("resnet18", num_classes=2).eval() for _ in range(3))
     small.input_size, other.input_size = (40, 32), (256, 224, "bilinear")  # other: the default, said in full
-    S._add_runs({"small": small, "default": default, "other": other})
-    runs = S._runs
+    S._add({"small": small, "default": default, "other": other})
+    runs = S._subjects
     assert runs["small"].train.dataset.crop == 32 and runs["default"].train.dataset.crop == 224
     assert runs["default"].train is runs["other"].train  # one split, one pass for both
     direct = extract_features(small, open_dataset(f"imagefolder:{fake_imagenet}", "train", (40, 32)), use_cache=False,

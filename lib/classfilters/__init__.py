@@ -1,47 +1,99 @@
 """classfilters: find the few penultimate features each class of a CNN relies on.
 
-Implements "Decomposing the Deep: Finding Class Specific Filters in Deep CNNs": Algorithm 1
-(influence.py), the decomposed final layer and the (k, k') grid (decomposed.py), the noise
-ablation (ablation.py), index-set overlap (overlap.py), on any classifier whose head is
-global pooling + one linear layer (models.py), with cached feature extraction (features.py)
-over digits, CIFAR-10 or ImageNet-style folders (data.py).
+Implements "Decomposing the Deep: Finding Class Specific Filters in Deep CNNs". The layers, from
+the bottom: the algorithm (influence.py: Algorithm 1; decomposed.py: the decomposed final layer and
+the (k, k') grid; ablation.py; overlap.py; with sizes.py and checks.py for their arguments), the
+pipeline (data.py, decode.py, models.py, features.py, device.py, cache.py), training and extensions
+(recipe.py, train.py, csg.py, visualize.py), the study (profile.py, session.py, tables.py,
+widgets.py) and the faces (cli.py, runner.py, the notebooks).
+
+The names below are imported on first use (PEP 562), so `import classfilters` and reading a
+profile cost no torch import; `from classfilters import X` works as usual.
 """
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .ablation import noise_ablation
-from .data import DatasetError, ImageSplit, open_dataset
-from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
-from .features import extract_features, extract_features_many, init_distributed
-from .influence import InfluentialFeatures, influential_features
-from .models import CifarResNet, FeatureModel, as_feature_model, build_model, load_cifar_resnet
-from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
-from .train import Recipe, finetune_head, finetune_network, train_classifier, trained_model
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-           "CifarResNet",
-           "DatasetError",
-           "DecomposedHead",
-           "FeatureModel",
-           "ImageSplit",
-           "InfluentialFeatures",
-           "Recipe",
-           "accuracy",
-           "as_feature_model",
-           "build_model",
-           "evaluate",
-           "extract_features",
-           "extract_features_many",
-           "finetune_head",
-           "finetune_network",
-           "grid_accuracy",
-           "influential_features",
-           "init_distributed",
-           "jaccard_matrix",
-           "load_cifar_resnet",
-           "mean_pairwise",
-           "mutual_information_matrix",
-           "noise_ablation",
-           "open_dataset",
-           "train_classifier",
-           "trained_model",
+__version__ = "0.1.0"  # the only place the version is written (pyproject.toml reads it)
+
+_EXPORTS = {
+    "noise_ablation": "ablation",
+    "DatasetError": "data", "ImageSplit": "data", "open_dataset": "data",
+    "DecomposedHead": "decomposed", "accuracy": "decomposed", "evaluate": "decomposed", "grid_accuracy": "decomposed",
+    "default_device": "device", "init_distributed": "device",
+    "extract_features": "features", "extract_features_many": "features",
+    "InfluentialFeatures": "influence", "influential_features": "influence",
+    "CifarResNet": "models", "FeatureModel": "models", "as_feature_model": "models", "build_model": "models",
+    "load_cifar_resnet": "models",
+    "jaccard_matrix": "overlap", "mean_pairwise": "overlap", "mutual_information_matrix": "overlap",
+    "Profile": "profile", "load_profile": "profile",
+    "Recipe": "recipe",
+    "Study": "session", "Subject": "session", "open_study": "session",
+    "DEFAULT_K": "sizes", "as_size": "sizes",
+    "finetune_head": "train", "finetune_network": "train", "train_classifier": "train", "trained_model": "train",
+}
+__all__ = [  # the same names as _EXPORTS (a test checks)
+    "DEFAULT_K",
+    "CifarResNet",
+    "DatasetError",
+    "DecomposedHead",
+    "FeatureModel",
+    "ImageSplit",
+    "InfluentialFeatures",
+    "Profile",
+    "Recipe",
+    "Study",
+    "Subject",
+    "accuracy",
+    "as_feature_model",
+    "as_size",
+    "build_model",
+    "default_device",
+    "evaluate",
+    "extract_features",
+    "extract_features_many",
+    "finetune_head",
+    "finetune_network",
+    "grid_accuracy",
+    "influential_features",
+    "init_distributed",
+    "jaccard_matrix",
+    "load_cifar_resnet",
+    "load_profile",
+    "mean_pairwise",
+    "mutual_information_matrix",
+    "noise_ablation",
+    "open_dataset",
+    "open_study",
+    "train_classifier",
+    "trained_model",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # once imported, a plain attribute
+        return value
+    raise AttributeError(f"module 'classfilters' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .ablation import noise_ablation
+    from .data import DatasetError, ImageSplit, open_dataset
+    from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
+    from .device import default_device, init_distributed
+    from .features import extract_features, extract_features_many
+    from .influence import InfluentialFeatures, influential_features
+    from .models import CifarResNet, FeatureModel, as_feature_model, build_model, load_cifar_resnet
+    from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
+    from .profile import Profile, load_profile
+    from .recipe import Recipe
+    from .session import Study, Subject, open_study
+    from .sizes import DEFAULT_K, as_size
+    from .train import finetune_head, finetune_network, train_classifier, trained_model

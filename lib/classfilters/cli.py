@@ -25,21 +25,20 @@ import torch
 from . import __version__
 from .data import open_dataset
 from .decomposed import evaluate
-from .features import extract_features, init_distributed
+from .device import init_distributed
+from .features import extract_features
 from .influence import influential_features
 from .models import build_model
+from .sizes import DEFAULT_K, parse_size
 from .train import Recipe, trained_model
 
 
 def size(text: str) -> int | float:
-    """'5' -> 5 (a count); '0.9' -> 0.9 (a fraction of mass)."""
+    """'5' -> 5 (a count); '0.9' -> 0.9 (a fraction of mass): sizes.parse_size, as argparse wants it."""
     try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is neither a count (5) nor a fraction (0.9)") from None
+        return parse_size(text)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,8 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torchvision / timm ImageNet weights (needs internet once); optionally a torchvision "
                         "weights name, e.g. IMAGENET1K_V1 (the 2021 weights of the paper)")
     p.add_argument("--dataset", required=True, help="digits | cifar10 | cifar10:<path> | imagefolder:<path>")
-    p.add_argument("--k", type=size, default=5, help="features kept per image: a count or a fraction of mass (default 5)")
-    p.add_argument("--k-prime", type=size, default=5, help="features kept per class: a count or a fraction (default 5)")
+    p.add_argument("--k", type=size, default=DEFAULT_K,
+                   help=f"features kept per image: a count or a fraction of mass (default {DEFAULT_K})")
+    p.add_argument("--k-prime", type=size, default=DEFAULT_K,
+                   help=f"features kept per class: a count or a fraction (default {DEFAULT_K})")
     p.add_argument("--train-epochs", type=int, default=30, help="epochs to train when no weights are given (default 30)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -66,9 +67,9 @@ def main(argv=None) -> int:
     started = time.time()
     rank, size = init_distributed()
     if size == 1:
-        return run(args, started, rank)
+        return compute(args, started, rank)
     try:
-        code = run(args, started, rank)
+        code = compute(args, started, rank)
     finally:
         torch.distributed.destroy_process_group()
     # now and then gloo's threads abort the interpreter's teardown once the group is gone
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     os._exit(code)
 
 
-def run(args: argparse.Namespace, started: float, rank: int) -> int:
+def compute(args: argparse.Namespace, started: float, rank: int) -> int:
     train, test = open_dataset(args.dataset, "train"), open_dataset(args.dataset, "test")
     if args.checkpoint or args.pretrained:
         model = build_model(args.model, args.checkpoint, num_classes=train.num_classes, pretrained=args.pretrained,

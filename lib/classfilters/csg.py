@@ -20,13 +20,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import cache
 from .data import ImageSplit
 from .decomposed import accuracy
-from .features import default_device
+from .device import default_device
 from .models import FeatureModel, fingerprint
+from .progress import tqdm
 from .train import Recipe, augment, one_cycle, step_in_micro_batches
 
 

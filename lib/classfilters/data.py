@@ -89,7 +89,12 @@ def folder_transform(size: tuple | None) -> tuple[int, int, str]:
 
 
 def data_root() -> Path:
-    return Path(os.environ.get("CLASSFILTERS_DATA", Path.home() / ".cache" / "classfilters" / "data"))
+    """Where torchvision downloads go: $CLASSFILTERS_DATA, else the checkout's data/ (see data/README.md),
+    else ~/.cache/classfilters/data for an installed package without a checkout."""
+    if "CLASSFILTERS_DATA" in os.environ:
+        return Path(os.environ["CLASSFILTERS_DATA"])
+    checkout = Path(__file__).resolve().parents[2] / "data"
+    return checkout if (checkout / "manifest.json").is_file() else Path.home() / ".cache" / "classfilters" / "data"
 
 
 def open_dataset(spec: str, split: str = "train", size: tuple | None = None) -> ImageSplit:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .influence import InfluentialFeatures, resolve_rank_by
+from .checks import resolve_rank_by
+from .influence import InfluentialFeatures
+from .progress import tqdm
+from .sizes import as_size
 
 
 class DecomposedHead(nn.Linear):
@@ -86,12 +88,12 @@ def grid_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test
 
     Equals running Algorithm 1 and `evaluate` for each pair separately (integer k, k').
     """
-    ks, k_primes = list(ks), list(k_primes)
     n, d = train_features.shape
+    ks, k_primes = [as_size(k, d, "k") for k in ks], [as_size(k, d, "k'") for k in k_primes]
+    if not all(isinstance(v, int) for v in ks + k_primes):
+        raise TypeError("grid_accuracy takes counts for k and k'; run influential_features for fractions of mass")
     c = head.out_features
     kmax = max(ks)
-    if min(ks) < 1 or kmax > d or min(k_primes) < 1 or max(k_primes) > d:
-        raise ValueError(f"k and k' must lie in [1, {d}]")
     # counts[c, j, r] = #{i in class c : feature j has rank r in image i}, for r < kmax
     rank_by = resolve_rank_by(train_features, rank_by)
     counts = torch.zeros(c * d * kmax, dtype=torch.int64)

@@ -16,44 +16,20 @@ float32 (N, D) features in dataset order.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import cache
+from .checks import check_features
 from .data import FolderImages, ImageSplit
 from .decode import decode_folder_batches
+from .device import default_device, init_distributed, world  # noqa: F401 -- init_distributed: re-exported
 from .models import FeatureModel, fingerprint
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group that `torchrun` describes (WORLD_SIZE > 1 in the environment): NCCL
-    on this rank's GPU (LOCAL_RANK), gloo on CPUs. A no-op otherwise. Returns (rank, world size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    return world()
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from .progress import tqdm
 
 
 def batches(split: ImageSplit, batch_size: int, start: int = 0, stop: int | None = None, num_workers: int | None = None,
@@ -193,25 +169,3 @@ def _gather_in_order(local: torch.Tensor, n: int, device) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:s].cpu() for g, s in zip(gathered, sizes)])
-
-
-def check_shape(features: torch.Tensor, what: str = "features") -> None:
-    if features.dim() != 2:
-        raise ValueError(f"{what}: features must be (N, D), got shape {tuple(features.shape)}")
-
-
-def nonfinite_error(what: str, bad_rows: torch.Tensor) -> ValueError:
-    """The error for features with NaN or inf in the rows `bad_rows` (indices)."""
-    return ValueError(f"{what}: {len(bad_rows)} rows hold NaN or inf (first rows {bad_rows[:5].tolist()}); "
-                      "check the checkpoint and the input normalisation, or use fp32 instead of bf16")
-
-
-def check_features(features: torch.Tensor, what: str = "features") -> tuple[float, float]:
-    """Refuse anything but finite (N, D) features; return their smallest and largest value (one pass)."""
-    check_shape(features, what)
-    if not features.numel():
-        return 0.0, 0.0
-    lowest, highest = (v.item() for v in torch.aminmax(features))
-    if not (math.isfinite(lowest) and math.isfinite(highest)):  # NaN propagates through min and max
-        raise nonfinite_error(what, (~torch.isfinite(features)).any(1).nonzero().flatten())
-    return lowest, highest

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from . import topk_gpu
-from .features import check_features, check_shape, nonfinite_error
+from .checks import check_features, check_rank_by, check_shape, nonfinite_error, resolve_rank_by
+from .sizes import DEFAULT_K, Size, as_size
 from .topk_cpu import class_histograms_cpu
-
-Size = int | float  # an int count, or a float fraction of mass in (0, 1]
 
 
 @dataclass
@@ -76,29 +75,6 @@ class InfluentialFeatures:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def check_size(value: Size, limit: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be an int count or a float fraction, got {value!r}")
-    if isinstance(value, int) and not 1 <= value <= limit:
-        raise ValueError(f"{name}={value} is out of range: it must be between 1 and D={limit} "
-                         f"(or a fraction of mass in (0, 1], e.g. 0.9)")
-    if isinstance(value, float) and not 0 < value <= 1:
-        raise ValueError(f"{name}={value} is out of range: a fraction of mass must lie in (0, 1]")
-
-
-def check_rank_by(rank_by: str) -> None:
-    if rank_by not in ("auto", "value", "magnitude"):
-        raise ValueError(f"rank_by must be 'auto', 'value' or 'magnitude', got {rank_by!r}")
-
-
-def resolve_rank_by(features: torch.Tensor, rank_by: str = "auto") -> str:
-    """"value" for non-negative features (ReLU + pooling), "magnitude" when any is negative."""
-    check_rank_by(rank_by)
-    if rank_by == "auto":
-        return "magnitude" if features.numel() and features.min() < 0 else "value"
-    return rank_by
-
-
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(N, k) indices of each row's k largest entries; ties at the k-th value go to lower indices."""
     values, idx = torch.topk(scores, k, dim=1)
@@ -136,19 +112,18 @@ def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     check_shape(features, what)
     check_rank_by(rank_by)
     n, d = features.shape
+    k = as_size(k, d, "k")
     on_cpu = features.device.type == "cpu"
     if isinstance(k, int) and features.dtype in KERNEL_DTYPES and (on_cpu or topk_gpu.available(features)):
         kernel = class_histograms_cpu if on_cpu else topk_gpu.class_histograms_gpu
         histograms, nonfinite, negative = kernel(features, labels, num_classes, k)
         if nonfinite.any():
             raise nonfinite_error(what, nonfinite.nonzero().flatten())
-        if rank_by == "auto":
-            rank_by = "magnitude" if negative else "value"
+        rank_by = resolve_rank_by(features, rank_by, lowest=-1.0 if negative else 0.0)
         if not (rank_by == "value" and negative):  # the kernel ranks by magnitude
             return histograms, rank_by
     lowest, _ = check_features(features, what)
-    if rank_by == "auto":
-        rank_by = "magnitude" if lowest < 0 else "value"
+    rank_by = resolve_rank_by(features, rank_by, lowest)
     counts = torch.zeros(num_classes * d, dtype=torch.int64, device=features.device)
     for start in range(0, n, chunk_size):
         scores = features[start:start + chunk_size]
@@ -175,7 +150,7 @@ def select_indices(histograms: torch.Tensor, k_prime: Size) -> list[list[int]]:
     return [row[:s] for row, s in zip(order.tolist(), sizes)]
 
 
-def influential_features(features: torch.Tensor, labels: torch.Tensor, k: Size = 5, k_prime: Size = 5,
+def influential_features(features: torch.Tensor, labels: torch.Tensor, k: Size = DEFAULT_K, k_prime: Size = DEFAULT_K,
                          num_classes: int | None = None, rank_by: str = "auto",
                          provenance: dict | None = None) -> InfluentialFeatures:
     """Algorithm 1 on training features (N, D) with labels (N,)."""
@@ -193,8 +168,7 @@ def influential_features(features: torch.Tensor, labels: torch.Tensor, k: Size =
         raise ValueError(f"classes {missing} have no training images: every class needs at least one "
                          "to find its features (check the split, or pass num_classes)")
     d = features.shape[1]
-    check_size(k, d, "k")
-    check_size(k_prime, d, "k'")
+    k, k_prime = as_size(k, d, "k"), as_size(k_prime, d, "k'")
     histograms, rank_by = class_histograms(features, labels, num_classes, k, rank_by, what="training features")
     info = {"num_train": int(features.shape[0]), **(provenance or {})}
     return InfluentialFeatures(select_indices(histograms, k_prime), histograms.cpu(), k, k_prime, rank_by, info)

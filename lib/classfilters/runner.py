@@ -1,34 +1,31 @@
 """Run the paper notebooks in order for a profile with papermill; every table and figure lands in figures/<profile>/.
 
     python -m classfilters.runner --profile demo              # all notebooks (the demo: a few minutes on a CPU)
-    python -m classfilters.runner --profile demo --resume     # skip notebooks already done at this commit
+    python -m classfilters.runner --profile demo --resume     # skip notebooks whose results are provably current
     python -m classfilters.runner --profile demo --only 04    # re-run one notebook (number or name)
-    python -m classfilters.runner --profile my.yaml --set k=10 --set models='[resnet8]'
+    python -m classfilters.runner --profile my.yaml --set k=10 --set train.epochs=20 --set 'models=[resnet8]'
 
-Executed notebooks go to runs/<profile>/ (not committed); tables (CSV + Markdown) and
-figures (PNG + PDF) to figures/<profile>/, with provenance.json: git commit, device,
-library versions and wall time per notebook. The run stops at the first failing notebook,
-names it and its error, and keeps everything produced so far.
+The runner resolves the profile once (`extends`, `${VAR:-default}`, `--set`; profile.py), writes it
+to runs/<profile>/profile.yaml and passes each notebook only what its `parameters` cell declares:
+`profile` (that file), `out_dir` (figures/<profile>/) and its knobs (k, k_prime, model, ...).
+Executed notebooks, with their figures embedded, go to runs/<profile>/ (not committed); tables
+(CSV + Markdown) and figures (PNG + PDF) to figures/<profile>/, with provenance.json (provenance.py).
+Training and extraction progress reaches this console. The run stops at the first failing
+notebook, names it and its error, and keeps everything produced so far.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
-from importlib import metadata
+from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
+from . import provenance
+from .profile import SETTINGS, load_profile, parse_set, repo_root, save_profile
 
-from .study import load_profile, profile_path, repo_root
-
-LIBRARIES = ("classfilters", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "matplotlib", "seaborn",
-             "papermill", "ipywidgets", "timm")
+RESERVED = ("profile", "out_dir")  # parameters every notebook takes besides its knobs
 
 
 def notebooks(folder: Path) -> list[Path]:
@@ -49,59 +46,42 @@ def pick(all_notebooks: list[Path], only: str) -> Path:
                      f"choose one of {[p.stem for p in all_notebooks]}")
 
 
-def git_commit(root: Path) -> tuple[str, bool]:
-    """(commit, dirty): the checkout's HEAD and whether tracked files differ from it."""
-    def git(*args):
-        return subprocess.run(["git", *args], check=False, cwd=root, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "HEAD") or "unknown"
-    return commit, bool(git("status", "--porcelain", "--untracked-files=no", "lib", "notebooks", "profiles"))
-
-
-def device_name() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
-    cpu = platform.processor() or platform.machine()
+@contextmanager
+def kernel_environment():
+    """What the kernels inherit while the runner executes them: figures embedded as PNG (never the Agg
+    backend's `<Figure size ...>` text), progress bars as text that papermill forwards to this console.
+    This process's environment is restored after."""
+    values = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "CLASSFILTERS_PROGRESS": "text",
+              "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5")}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {cpu} ({os.cpu_count()} cores)"
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def versions() -> dict:
-    import torch
-    out = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    out.update(torch=torch.__version__, cuda=torch.version.cuda)  # the build tag (+cu130, +cpu) matters
-    return out
+def notebook_parameters(nb: Path, profile_file: Path, out_dir: Path, values: dict) -> dict:
+    """What a notebook gets: the names its `parameters` cell declares, with this run's values."""
+    import papermill
+    declared = papermill.inspect_notebook(str(nb))
+    unknown = [name for name in declared if name not in RESERVED and name not in SETTINGS]
+    if unknown:
+        raise ValueError(f"{nb.name}: parameters {unknown} are neither {RESERVED} nor settings of "
+                         f"classfilters.Profile")
+    params = {name: values[name] for name in declared if name in SETTINGS}
+    return {**params, "profile": str(profile_file), "out_dir": str(out_dir)}
 
 
-def parse_set(items: list[str]) -> dict:
-    """--set key=value (value parsed as YAML; dotted keys reach into nested settings)."""
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        *parents, last = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
-    return out
-
-
-def run(profile: str, only: str | None = None, resume: bool = False, overrides: dict | None = None,
-        figures_dir: Path | None = None, runs_dir: Path | None = None, notebooks_dir: Path | None = None,
-        log=print, progress: bool = True) -> int:
+def run_notebooks(profile: str, only: str | None = None, resume: bool = False, overrides: dict | None = None,
+                  figures_dir: Path | None = None, runs_dir: Path | None = None, notebooks_dir: Path | None = None,
+                  log=print, progress: bool = True) -> int:
     """Execute the notebooks; 0 when all succeeded, 1 at the first failure (after saving provenance).
-    `progress`: papermill's bar over each notebook's cells, on stderr."""
+    `progress`: papermill's bar over each notebook's cells and the notebooks' own progress, on stderr."""
     import papermill
     from jupyter_client.manager import KernelManager
 
@@ -112,55 +92,58 @@ def run(profile: str, only: str | None = None, resume: bool = False, overrides: 
             super().__init__(**({"transport": "ipc"} if os.name == "posix" else {}), **kwargs)
 
     root = repo_root()
-    values = load_profile(profile, overrides)
-    name = values["name"]
+    settings = load_profile(profile, overrides)
+    values, name = settings.to_dict(), settings.name
     figures_dir = Path(figures_dir or root / "figures" / name).resolve()
     runs_dir = Path(runs_dir or root / "runs" / name).resolve()
     figures_dir.mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
+    profile_file = save_profile(settings, runs_dir / "profile.yaml")
     all_notebooks = notebooks(Path(notebooks_dir or root / "notebooks"))
     todo = [pick(all_notebooks, only)] if only else all_notebooks
-    commit, dirty = git_commit(root)
+    code = provenance.code_state(root, log)
     prov_path = figures_dir / "provenance.json"
-    previous = json.loads(prov_path.read_text()) if prov_path.is_file() and (resume or only) else {}
+    previous = provenance.read(prov_path) if (resume or only) else {}
     done = previous.get("notebooks", {}) if previous.get("profile_values") == values else {}
-    provenance = {"profile": name, "profile_values": values, "git_commit": commit, "git_dirty": dirty,
-                  "device": device_name(), "libraries": versions(), "notebooks": done}
-    os.environ["MPLBACKEND"] = "Agg"  # the kernels inherit it: no display needed
+    record = {"profile": name, "profile_values": values, **code, "device": provenance.device_name(),
+              "libraries": provenance.versions(), "notebooks": done}
     started = time.time()
     status = 0
-    for nb in todo:
-        entry = done.get(nb.stem, {})
-        if resume and not only and entry.get("status") == "ok" and entry.get("commit") == commit \
-                and (runs_dir / nb.name).is_file():
-            log(f"[{name}] {nb.stem}: done at this commit, skipped")
-            continue
-        log(f"[{name}] {nb.stem} ...")
-        t0 = time.time()
-        try:
-            papermill.execute_notebook(str(nb), str(runs_dir / nb.name), kernel_name="python3", cwd=str(root),
-                                       parameters={"profile": str(profile_path(profile)), "overrides": values,
-                                                   "out_dir": str(figures_dir)},
-                                       progress_bar=progress and {"desc": nb.stem, "unit": "cell"},
-                                       log_output=False, kernel_manager_class=LocalKernelManager)
-            entry = {"status": "ok"}
-        except Exception as e:  # noqa: BLE001 -- any failure is recorded; PapermillExecutionError carries the cell's error
-            ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
-            entry = {"status": "failed", "error": f"{ename}: {evalue}"}
-            log(f"[{name}] {nb.stem} FAILED: {ename}: {evalue}\n  executed copy: {runs_dir / nb.name}")
-            status = 1
-        entry.update(seconds=round(time.time() - t0, 1), commit=commit,
-                     finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        done[nb.stem] = entry
-        provenance["total_seconds_this_run"] = round(time.time() - started, 1)
-        prov_path.write_text(json.dumps(provenance, indent=1))
-        if status:
-            return status
-        log(f"[{name}] {nb.stem} ok in {entry['seconds']} s")
-    provenance["total_seconds_this_run"] = round(time.time() - started, 1)
-    prov_path.write_text(json.dumps(provenance, indent=1))
-    log(f"[{name}] all done in {provenance['total_seconds_this_run']} s: tables and figures in {figures_dir}")
-    return status
+    with kernel_environment():
+        for nb in todo:
+            entry = done.get(nb.stem, {})
+            if resume and not only:
+                stale = provenance.why_stale(entry, code, nb, runs_dir / nb.name, figures_dir)
+                if not stale:
+                    log(f"[{name}] {nb.stem}: current (same library sources, notebook and outputs), skipped")
+                    continue
+                if entry:
+                    log(f"[{name}] {nb.stem}: run again ({stale})")
+            log(f"[{name}] {nb.stem} ...")
+            t0 = time.time()
+            try:
+                papermill.execute_notebook(str(nb), str(runs_dir / nb.name), kernel_name="python3", cwd=str(root),
+                                           parameters=notebook_parameters(nb, profile_file, figures_dir, values),
+                                           progress_bar=progress and {"desc": nb.stem, "unit": "cell"},
+                                           stderr_file=sys.stderr if progress else None,
+                                           log_output=False, kernel_manager_class=LocalKernelManager)
+                entry = {"status": "ok"}
+            except Exception as e:  # noqa: BLE001 -- any failure is recorded; PapermillExecutionError carries the cell's error
+                ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
+                entry = {"status": "failed", "error": f"{ename}: {evalue}"}
+                log(f"[{name}] {nb.stem} FAILED: {ename}: {evalue}\n  executed copy: {runs_dir / nb.name}")
+                status = 1
+            entry.update(provenance.entry_state(code, nb, figures_dir, t0), seconds=round(time.time() - t0, 1))
+            done[nb.stem] = entry
+            record["total_seconds_this_run"] = round(time.time() - started, 1)
+            provenance.write(prov_path, record)
+            if status:
+                return status
+            log(f"[{name}] {nb.stem} ok in {entry['seconds']} s")
+        record["total_seconds_this_run"] = round(time.time() - started, 1)
+        provenance.write(prov_path, record)
+        log(f"[{name}] all done in {record['total_seconds_this_run']} s: tables and figures in {figures_dir}")
+        return status
 
 
 def main(argv=None) -> int:
@@ -168,14 +151,16 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="demo", help="demo | cifar10-shared | cifar10 | imagenet, or the path of a YAML profile")
     p.add_argument("--only", help="run just this notebook (number, name or part of it)")
-    p.add_argument("--resume", action="store_true", help="skip notebooks already done for this profile and commit")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile value")
+    p.add_argument("--resume", action="store_true",
+                   help="skip notebooks whose results are current: same library sources, notebook, profile, outputs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting (a field of classfilters.Profile; train.epochs=20 for the Recipe)")
     p.add_argument("--figures", type=Path, help="output folder (default figures/<profile>/)")
     p.add_argument("--runs", type=Path, help="executed notebooks folder (default runs/<profile>/)")
     args = p.parse_args(argv)
     try:
-        return run(args.profile, args.only, args.resume, parse_set(args.set), args.figures, args.runs)
-    except (FileNotFoundError, ValueError) as e:  # no such profile, a misspelt setting
+        return run_notebooks(args.profile, args.only, args.resume, parse_set(args.set), args.figures, args.runs)
+    except (FileNotFoundError, ValueError) as e:  # no such profile, a misspelt setting, a corrupt provenance.json
         raise SystemExit(f"error: {e}") from None
 
 

@@ -11,31 +11,20 @@ from __future__ import annotations
 
 import gc
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import cache
 from .data import ImageSplit
 from .decomposed import DecomposedHead, accuracy
-from .features import default_device, world
+from .device import default_device, world
 from .models import FeatureModel, build_model
-
-
-@dataclass
-class Recipe:
-    epochs: int = 30            # passes over the training split
-    batch_size: int = 128       # images per step
-    lr: float = 0.1             # peak learning rate of the one-cycle schedule
-    weight_decay: float = 5e-4  # L2 on all weights
-    crop_padding: int | None = None  # random-crop padding in pixels (None: an eighth of the width; 0: none)
-    flip: bool = True           # random horizontal flips (off for digits)
-    label_smoothing: float = 0.0
-    compile: bool = False       # torch.compile the network (CUDA graphs on a GPU): a slower start, faster steps
+from .progress import tqdm
+from .recipe import Recipe
 
 
 def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -100,8 +89,10 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
     bf16 = device.type == "cuda"
     padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8
     micro = recipe.batch_size
-    for _ in tqdm(range(recipe.epochs), desc=f"train {getattr(model, 'name', type(model).__name__)}",
-                  disable=not progress or rank != 0, unit="epoch"):
+    bar = tqdm(range(recipe.epochs), desc=f"train {getattr(model, 'name', type(model).__name__)}",
+               disable=not progress or rank != 0, unit="epoch")
+    for _ in bar:
+        stats = torch.zeros(3, device=device)  # this rank's loss sum, correct, seen: read once per epoch
         perm = torch.randperm(len(split), generator=gen).to(device)
         for start in range(0, len(split), recipe.batch_size):
             batch = perm[start:start + recipe.batch_size]
@@ -109,8 +100,12 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
             x = split.normalize(augment(images[mine], padding, recipe.flip, augment_gen))
             x = x.contiguous(memory_format=torch.channels_last)
             micro = step_in_micro_batches(opt, x, labels[mine], micro, partial(
-                _chunk_loss, net, weight=size / len(batch), smoothing=recipe.label_smoothing, bf16=bf16))
+                _chunk_loss, net, weight=size / len(batch), smoothing=recipe.label_smoothing, bf16=bf16,
+                stats=stats if not bar.disable else None))
             sched.step()
+        if not bar.disable:  # the epoch's running loss and accuracy on the augmented batches (rank 0's share)
+            loss, correct, seen = stats.tolist()
+            bar.set_postfix(loss=f"{loss / max(seen, 1):.3f}", train_acc=f"{correct / max(seen, 1):.3f}")
     if size > 1:  # every rank ends with rank 0's BatchNorm statistics: one model, whichever rank saves it
         import torch.distributed as dist
         for buffer in model.buffers():
@@ -121,11 +116,17 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
     return model.eval()
 
 
-def _chunk_loss(net, x, y, weight: float, smoothing: float, bf16: bool) -> torch.Tensor:
-    """Cross-entropy summed over the chunk, times `weight` (1 / the whole batch, times the ranks)."""
+def _chunk_loss(net, x, y, weight: float, smoothing: float, bf16: bool, stats=None) -> torch.Tensor:
+    """Cross-entropy summed over the chunk, times `weight` (1 / the whole batch, times the ranks).
+    `stats` (3,), when given, accumulates the loss sum, the correct predictions and the images seen."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = net(x)
-    return F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="sum") * weight
+    loss = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="sum")
+    if stats is not None:
+        with torch.no_grad():
+            stats += torch.stack([loss.detach().float(), (logits.argmax(1) == y).sum().float(),
+                                  torch.tensor(float(len(y)), device=stats.device)])
+    return loss * weight
 
 
 def step_in_micro_batches(opt, x, y, micro: int, chunk_loss, extra_loss=None) -> int:

@@ -1,0 +1,152 @@
+"""provenance.json: what produced a profile's figures, and whether a notebook's results are still current.
+
+Recorded per run: the profile's values, the git commit (and whether lib/, notebooks/ or profiles/
+differ from it), a SHA-256 of the library's sources, the device and library versions; per
+notebook: its status, seconds, the hash of the notebook file and of every output it wrote.
+
+`--resume` skips a notebook only when its results are provably current: it succeeded, the library
+sources and the notebook hash as they did then (so uncommitted edits count), its executed copy
+exists and every output it wrote is there with the same bytes. A tree without `.git` (a copy on
+a GPU box) records the commit from $CLASSFILTERS_COMMIT or a COMMIT file at the root, else
+"unknown" and says so; the source hash does not need git.
+
+The file is written atomically (a temporary file renamed over it); a corrupt one is an error that
+names it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+LIBRARIES = ("torch", "torchvision", "numpy", "pandas", "scikit-learn", "matplotlib", "seaborn",
+             "papermill", "ipywidgets", "timm")
+PACKAGE = Path(__file__).resolve().parent
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def source_hash(package: Path = PACKAGE) -> str:
+    """SHA-256 over the library's Python sources (relative names and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def git_commit(root: Path, log=print) -> tuple[str, bool | None]:
+    """(commit, dirty): HEAD and whether lib/, notebooks/ or profiles/ differ from it (untracked files in
+    lib/ included). Without git: $CLASSFILTERS_COMMIT, else a COMMIT file at `root`, else "unknown"
+    (dirty None: not known)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], check=False, cwd=root, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git installed
+            return ""
+    commit = git("rev-parse", "HEAD") if (root / ".git").exists() else ""
+    if commit:
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "notebooks", "profiles")
+                     or git("status", "--porcelain", "--untracked-files=all", "lib"))
+        return commit, dirty
+    commit = os.environ.get("CLASSFILTERS_COMMIT", "").strip()
+    if not commit and (root / "COMMIT").is_file():
+        commit = (root / "COMMIT").read_text().strip()
+    if not commit:
+        log(f"note: {root} is no git checkout and neither $CLASSFILTERS_COMMIT nor a COMMIT file names the "
+            f"commit: provenance records 'unknown' (the library's source hash still identifies the code)")
+    return commit or "unknown", None
+
+
+def code_state(root: Path, log=print) -> dict:
+    commit, dirty = git_commit(root, log)
+    return {"git_commit": commit, "git_dirty": dirty, "source_hash": source_hash()}
+
+
+def entry_state(code: dict, notebook: Path, out_dir: Path, started: float) -> dict:
+    """What identifies one notebook's results: the code, the notebook and the outputs it wrote since `started`."""
+    outputs = {p.name: file_hash(p) for p in sorted(out_dir.iterdir())
+               if p.is_file() and p.name != "provenance.json" and p.stat().st_mtime >= started}
+    return {"commit": code["git_commit"], "source_hash": code["source_hash"], "notebook_hash": file_hash(notebook),
+            "outputs": outputs, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def why_stale(entry: dict, code: dict, notebook: Path, executed: Path, out_dir: Path) -> str:
+    """Why a notebook must run again ("" when its results are current)."""
+    if entry.get("status") != "ok":
+        return "not done" if not entry else f"last status {entry.get('status')}"
+    if entry.get("source_hash") != code["source_hash"]:
+        return "the library's sources changed"
+    if entry.get("notebook_hash") != file_hash(notebook):
+        return "the notebook changed"
+    if not executed.is_file():
+        return f"its executed copy {executed} is missing"
+    for name, digest in entry.get("outputs", {}).items():
+        path = out_dir / name
+        if not path.is_file():
+            return f"its output {name} is missing"
+        if file_hash(path) != digest:
+            return f"its output {name} was changed"
+    return ""
+
+
+def read(path: Path) -> dict:
+    """A provenance file ({} when there is none); a corrupt one is an error naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({e}): delete it, or run without --resume / --only") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is corrupt (not a JSON object): delete it, or run without --resume / --only")  # noqa: TRY004 -- a bad file, not a bad argument
+    return record
+
+
+def write(path: Path, record: dict) -> None:
+    """`record` as JSON at `path`, atomically: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def device_name() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {cpu} ({os.cpu_count()} cores)"
+
+
+def versions() -> dict:
+    import torch
+
+    from . import __version__
+    out = {"python": platform.python_version(), "classfilters": __version__}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    out.update(torch=torch.__version__, cuda=torch.version.cuda)  # the build tag (+cu130, +cpu) matters
+    return out

@@ -1,0 +1,20 @@
+"""`Recipe`: how the library trains a classifier (SGD + Nesterov, one-cycle, crop and flip).
+
+A plain dataclass with no torch import, so that a profile (profile.py) can be read and
+checked without loading torch; `train.py` does the training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Recipe:
+    epochs: int = 30            # passes over the training split
+    batch_size: int = 128       # images per step
+    lr: float = 0.1             # peak learning rate of the one-cycle schedule
+    weight_decay: float = 5e-4  # L2 on all weights
+    crop_padding: int | None = None  # random-crop padding in pixels (None: an eighth of the width; 0: none)
+    flip: bool = True           # random horizontal flips (off for digits)
+    label_smoothing: float = 0.0
+    compile: bool = False       # torch.compile the network (CUDA graphs on a GPU): a slower start, faster steps

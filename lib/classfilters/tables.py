@@ -1,0 +1,202 @@
+"""The tables of each section of the paper, as pandas frames, from a study's subjects.
+
+Fig 2 and the overlap (§4): `index_table`, `overlap_frames`, `overlap_summary`; Fig 3 (§5.1):
+`grid_table`; Tables 2-6 and Fig 4 (§5.2): `depth_table`, `depth_curves`, grouped by `family`;
+§5.2.3: `retrain`, `softmax_table`; Table 7: `visual_table`; Table 8: `ablation_tables`;
+Table 1 and the CSG comparison: `csg_tables`. Each returns frames the notebooks save and plot.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import pandas as pd
+import torch
+
+from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
+from .influence import InfluentialFeatures
+from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
+from .session import Study, Subject
+from .sizes import grid_sizes
+from .train import finetune_head
+
+
+def family(name: str) -> str:
+    """The paper's model families: its tables group the depth study by these (plus any `@tag`)."""
+    name, _, tag = name.partition("@")
+    label = base_family(name)
+    return f"{label}, {tag}" if tag else label
+
+
+def slug(text: str) -> str:
+    """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared"."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def base_family(name: str) -> str:
+    for prefix, label in (("wide_resnet", "Wide ResNet"), ("densenet", "DenseNet"),
+                          ("efficientnet", "EfficientNet"), ("timm:", "timm")):
+        if name.startswith(prefix):
+            return label
+    depth = int(re.sub(r"\D", "", name) or 0)
+    return "ResNet (ImageNet)" if name.startswith("resnet") and depth in (18, 34, 50, 101, 152) else "ResNet (CIFAR)"
+
+
+def index_table(influence: InfluentialFeatures, classes: list[str]) -> pd.DataFrame:
+    """Per class: its index set I_c, its size and the share of the class histogram it covers."""
+    h = influence.histograms.double()
+    covered = (h * influence.mask).sum(1) / h.sum(1).clamp(min=1)
+    return pd.DataFrame({"class": classes, "indices": [" ".join(map(str, i)) for i in influence.indices],
+                         "size": [len(i) for i in influence.indices], "mass_covered": covered.tolist()})
+
+
+def overlap_frames(mask: torch.Tensor, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Jaccard and mutual-information matrices of the classes' index sets, as labelled frames."""
+    return (pd.DataFrame(jaccard_matrix(mask).numpy(), index=classes, columns=classes),
+            pd.DataFrame(mutual_information_matrix(mask).numpy(), index=classes, columns=classes))
+
+
+def overlap_summary(influence: InfluentialFeatures) -> pd.DataFrame:
+    """Mean pairwise Jaccard and mutual information of the classes' index sets."""
+    mask = influence.mask
+    return pd.DataFrame([{"k": influence.k, "k_prime": influence.k_prime,
+                          "mean_jaccard": mean_pairwise(jaccard_matrix(mask)),
+                          "mean_mutual_information": mean_pairwise(mutual_information_matrix(mask))}])
+
+
+def grid_table(subject: Subject, ks, k_primes) -> pd.DataFrame:
+    """Fig 3: decomposed and relative test accuracy for every (k, k'), long format; axis values above D
+    are dropped with a printed note."""
+    d = subject.model.num_features
+    ks, k_primes = grid_sizes(ks, d, "k"), grid_sizes(k_primes, d, "k'")
+    acc = grid_accuracy(subject.train_features, subject.train.labels, subject.test_features, subject.test.labels,
+                        subject.head, ks, k_primes)
+    full = subject.full_accuracy
+    rows = [{"k": k, "k_prime": kp, "acc_decomposed": float(acc[a, b]), "acc_full": full,
+             "relative": float(acc[a, b]) / full, "multiply_adds": kp * subject.model.num_classes}
+            for a, k in enumerate(ks) for b, kp in enumerate(k_primes)]
+    return pd.DataFrame(rows)
+
+
+def depth_row(study: Study, subject: Subject, k: int) -> dict:
+    """Tables 2-6: one model's D, k'/C, k'/D and accuracies at k = k' (a k above D is an error)."""
+    d, c, n = subject.model.num_features, subject.model.num_classes, len(subject.test)
+    result = evaluate(subject.head, study.influence(subject, k, k), subject.test_features, subject.test.labels)
+    low, high = wilson_interval(result["acc_decomposed"], n)
+    full = result["acc_full"]
+    return {"family": family(subject.name), "model": subject.name, "D": d, "C": c, "k": k, "k_prime": k,
+            "k'/C": k / c, "k'/D": k / d, "acc_decomposed": result["acc_decomposed"], "acc_full": full,
+            "relative": result["relative"], "relative_low": low / full if full else float("nan"),
+            "relative_high": high / full if full else float("nan"), "n_test": n,
+            "multiply_adds_full": result["multiply_adds_full"],
+            "multiply_adds_decomposed": result["multiply_adds_decomposed"]}
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of an accuracy `p` measured on `n` images."""
+    if n == 0:
+        return float("nan"), float("nan")
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def depth_table(study: Study, k: int) -> pd.DataFrame:
+    """Tables 2-6: every model of the profile at k = k', grouped by family."""
+    return pd.DataFrame([depth_row(study, subject, k) for subject in study.load_all()])
+
+
+def depth_curves(study: Study, ks) -> pd.DataFrame:
+    """Fig 4: relative accuracy along k = k' for every model of the profile (values above a model's D dropped)."""
+    frames = []
+    for subject in study.load_all():
+        axis = grid_sizes(ks, subject.model.num_features, f"k of {subject.name}")
+        grid = grid_table(subject, axis, axis)
+        frames.append(grid[grid.k == grid.k_prime].assign(model=subject.name, family=family(subject.name)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def retrain(subject: Subject, influence: InfluentialFeatures, epochs: int, lr: float, seed: int = 0):
+    """§5.2.3: fine-tune the decomposed head from the masked weights; (history, cost, head)."""
+    head = DecomposedHead(subject.head, influence)
+    history = finetune_head(head, subject.train_features, subject.train.labels, epochs=epochs, lr=lr, seed=seed,
+                            eval_features=subject.test_features, eval_labels=subject.test.labels)
+    history = pd.DataFrame(history).assign(acc_full=subject.full_accuracy)
+    history["relative"] = history["test_acc"] / history["acc_full"]
+    c, d = subject.model.num_classes, subject.model.num_features
+    cost = pd.DataFrame([{"layer": "full", "multiply_adds": c * d, "fraction": 1.0},
+                         {"layer": "decomposed", "multiply_adds": head.multiply_adds, "fraction": head.multiply_adds / (c * d)}])
+    return history, cost, head
+
+
+@torch.no_grad()
+def softmax_table(subject: Subject, head: DecomposedHead, n: int = 5) -> pd.DataFrame:
+    """The first `n` test images: true class, standard and decomposed softmax of their top class."""
+    phi = subject.test_features[:n]
+    full, dec = subject.head(phi).softmax(-1), head.decomposed_softmax(phi)
+    return pd.DataFrame({"image": range(len(phi)), "true": [subject.classes[i] for i in subject.test.labels[:n]],
+                         "pred_full": [subject.classes[i] for i in full.argmax(1)], "p_full": full.max(1).values.tolist(),
+                         "pred_decomposed": [subject.classes[i] for i in dec.argmax(1)],
+                         "p_decomposed": dec.max(1).values.tolist()})
+
+
+# -------------------------------------------------------------------------------------- Tables 7, 8 and 1
+
+
+def visual_table(subject: Subject, influence: InfluentialFeatures, n: int, seed: int = 0):
+    """Table 7: (images, maps, table) for the first test image of up to `n` classes."""
+    from . import visualize
+    from .ablation import non_influential_mask
+
+    index = visualize.example_index(subject.test.labels, n)
+    images, labels = visualize.fetch_images(subject.test, index), subject.test.labels[index]
+    maps, raw = visualize.class_maps(subject.model, subject.test, images, labels, influence, seed)
+    corr = visualize.image_correlation(images, maps)
+    with torch.no_grad():
+        pred = subject.head(subject.test_features[index]).argmax(1)
+    non = non_influential_mask(influence, seed)[labels]
+    table = pd.DataFrame({"image": index.tolist(), "class": [subject.classes[i] for i in labels],
+                          "predicted": [subject.classes[i] for i in pred],
+                          "influential": [" ".join(map(str, influence.indices[i])) for i in labels.tolist()],
+                          "non_influential": [" ".join(map(str, r.nonzero().flatten().tolist())) for r in non]})
+    for j, name in enumerate(("standard", "non_influential", "influential")):
+        table[f"mean_{name}"] = raw[:, j].tolist()
+        table[f"corr_image_{name}"] = corr[:, j].tolist()
+    return images, maps, table
+
+
+def ablation_tables(subject: Subject, influence: InfluentialFeatures, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table 8, long (one row per variant, head, replaced set) and wide (the paper's layout)."""
+    from .ablation import noise_ablation
+
+    long = pd.DataFrame(noise_ablation(subject.head, influence, subject.test_features, subject.test.labels,
+                                       subject.train_features, seed))
+    names = {"none": "no noise", "authors": "authors' N(0, 1)", "matched": "matched mean/std"}
+    long["setting"] = long["variant"].map(names) + ",\n" + long["head"] + " head"
+    base = long[long.variant == "none"].set_index("head")["accuracy"]
+    wide = long[long.variant != "none"].pivot_table(index=["variant", "head"], columns="replaced",
+                                                    values="accuracy").reset_index()
+    wide.insert(2, "no_noise", wide["head"].map(base))
+    return long, wide
+
+
+def csg_tables(study: Study, subject: Subject, gated, csg_subject: Subject, influence: InfluentialFeatures):
+    """Table 1 (accuracy of both CSG paths) and the overlap / MI comparison of index sets."""
+    from . import csg
+
+    paths = csg.path_accuracies(gated, csg_subject.test_features, subject.test.labels)
+    table1 = pd.DataFrame([{"model": f"{subject.name} (standard training)", "path": "standard", "accuracy": subject.full_accuracy},
+                           {"model": f"{subject.name} + CSG", "path": "standard", "accuracy": paths["standard"]},
+                           {"model": f"{subject.name} + CSG", "path": "gated (true-label gates)", "accuracy": paths["gated"]}])
+    k_prime = study.profile.k_prime if isinstance(study.profile.k_prime, int) else max(map(len, influence.indices))
+    sets = {"ours (Algorithm 1)": (influence.mask, subject),
+            "CSG lowest gates (authors' code)": (csg.gate_mask(gated.gates, k_prime, "lowest"), csg_subject),
+            "CSG highest gates (sound)": (csg.gate_mask(gated.gates, k_prime, "highest"), csg_subject)}
+    rows = []
+    for method, (mask, r) in sets.items():
+        with torch.no_grad():
+            acc = accuracy(DecomposedHead(r.head, mask)(r.test_features), r.test.labels)
+        rows.append({"method": method, "k_prime": k_prime, "mutual_information": mean_pairwise(mutual_information_matrix(mask)),
+                     "jaccard": mean_pairwise(jaccard_matrix(mask)), "acc_decomposed": acc,
+                     "relative": acc / r.full_accuracy})
+    return table1, pd.DataFrame(rows)
