@@ -1,11 +1,22 @@
 """Noise ablation (Table 8) and index-set overlap (Jaccard, mutual information)."""
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import planted
 from sklearn.metrics import mutual_info_score
 from torch import nn
 
-from classfilters import influential_features, jaccard_matrix, mean_pairwise, mutual_information_matrix, noise_ablation
+from classfilters import (
+    InfluentialFeatures,
+    influential_features,
+    jaccard_matrix,
+    mean_over_all_class_pairs,
+    mean_pairwise,
+    mutual_information_matrix,
+    noise_ablation,
+)
 from classfilters.ablation import arm_masks, non_influential_mask, summarize, with_noise
 
 
@@ -121,3 +132,28 @@ def test_mutual_information_matches_scikit_learn():
         for b in range(5):
             assert mi[a, b].item() == pytest.approx(mutual_info_score(mask[a].numpy(), mask[b].numpy()), abs=1e-12)
     assert mean_pairwise(mi) == pytest.approx(mi[~torch.eye(5, dtype=torch.bool)].mean().item())
+
+
+def test_mutual_information_by_hand_and_both_averages():
+    """D = 4, I_a = {0, 1}, I_b = {0}: p(1,1) = p(1,0) = 1/4, p(0,0) = 1/2, p(0,1) = 0."""
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    mi = mutual_information_matrix(mask)
+    ab = 0.25 * math.log(2) + 0.25 * math.log(2 / 3) + 0.5 * math.log(4 / 3)
+    entropy_a, entropy_b = math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert mi[0, 1].item() == pytest.approx(ab) and mi[1, 0].item() == pytest.approx(ab)
+    assert mi[0, 0].item() == pytest.approx(entropy_a) and mi[1, 1].item() == pytest.approx(entropy_b)
+    assert mean_pairwise(mi) == pytest.approx(ab)                                          # ours: distinct pairs
+    assert mean_over_all_class_pairs(mi) == pytest.approx((entropy_a + entropy_b + 2 * ab) / 4)  # the paper's
+
+
+@pytest.mark.parametrize("folder, paper_definition, ours", [("cifar10-cpu", 0.0351, 0.0086),
+                                                             ("cifar10-cpu-resnet20", 0.0340, 0.0073)])
+def test_committed_index_sets_under_the_papers_definition(folder, paper_definition, ours):
+    """The committed ResNet-20 index sets (k = k' = 5) score about the paper's 0.0345 under its averaging."""
+    path = Path(__file__).resolve().parents[1] / "figures" / folder / "influence.json"
+    influence = InfluentialFeatures.load(path)
+    assert (influence.k, influence.k_prime, influence.num_features) == (5, 5, 64)
+    mi = mutual_information_matrix(influence.mask)
+    assert mean_over_all_class_pairs(mi) == pytest.approx(paper_definition, abs=5e-5)
+    assert mean_pairwise(mi) == pytest.approx(ours, abs=5e-5)
+    assert abs(mean_over_all_class_pairs(mi) - 0.0345) < 0.001

@@ -14,7 +14,7 @@ from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
 from .features import extract_features, extract_features_many, init_distributed
 from .influence import InfluentialFeatures, influential_features
 from .models import CifarResNet, FeatureModel, as_feature_model, build_model, load_cifar_resnet
-from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
+from .overlap import jaccard_matrix, mean_over_all_class_pairs, mean_pairwise, mutual_information_matrix
 from .train import Recipe, finetune_head, finetune_network, train_classifier, trained_model
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
            "init_distributed",
            "jaccard_matrix",
            "load_cifar_resnet",
+           "mean_over_all_class_pairs",
            "mean_pairwise",
            "mutual_information_matrix",
            "noise_ablation",
