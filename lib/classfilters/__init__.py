@@ -16,6 +16,7 @@ from .influence import InfluentialFeatures, influential_features
 from .models import CifarResNet, FeatureModel, as_feature_model, build_model, load_cifar_resnet
 from .overlap import jaccard_matrix, mean_over_all_class_pairs, mean_pairwise, mutual_information_matrix
 from .train import Recipe, finetune_head, finetune_network, train_classifier, trained_model
+from .uncertainty import bootstrap_accuracy, correct_predictions
 
 __all__ = [
            "CifarResNet",
@@ -27,7 +28,9 @@ __all__ = [
            "Recipe",
            "accuracy",
            "as_feature_model",
+           "bootstrap_accuracy",
            "build_model",
+           "correct_predictions",
            "evaluate",
            "extract_features",
            "extract_features_many",
