@@ -5,6 +5,7 @@ from conftest import planted
 from torch import nn
 
 from classfilters import bootstrap_accuracy, correct_predictions, influential_features
+from classfilters.uncertainty import diagonal_intervals
 
 
 def correctness(n, p_full=0.85, p_lost=0.08, seed=0):
@@ -61,3 +62,19 @@ def test_correct_predictions_on_a_planted_case():
         head.weight[torch.arange(6), 3 * torch.arange(6)] = 1.0
     full, dec = correct_predictions(head, influential_features(train, train_y, 2, 2), test, test_y)
     assert full.all() and dec.all() and full.dtype == torch.bool and len(full) == len(test_y)
+
+
+def test_diagonal_intervals_follow_the_decomposition():
+    train, train_y = planted(seed=0)
+    test, test_y = planted(seed=1)
+    head = nn.Linear(32, 6)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(6, 32, generator=torch.Generator().manual_seed(0)) * 0.1)
+        head.weight[torch.arange(6), 3 * torch.arange(6)] += 1.0
+    rows = diagonal_intervals(head, train, train_y, test, test_y, [1, 2, 32], resamples=200, seed=0)
+    assert [r["k"] for r in rows] == [1, 2, 32]
+    for r, k in zip(rows, (1, 2, 32)):
+        _, dec = correct_predictions(head, influential_features(train, train_y, k, k), test, test_y)
+        assert r["acc_decomposed"] == pytest.approx(dec.double().mean().item())
+        assert r["relative_lo"] <= r["relative"] <= r["relative_hi"]
+    assert rows[-1]["relative"] == 1.0                     # k' = D: the decomposed head is the full one

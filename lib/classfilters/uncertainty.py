@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .decomposed import DecomposedHead
-from .influence import InfluentialFeatures
+from .influence import InfluentialFeatures, influential_features
 
 
 @torch.no_grad()
@@ -61,3 +61,17 @@ def bootstrap_accuracy(correct_full: torch.Tensor, correct_decomposed: torch.Ten
         lo, hi = torch.quantile(values, q).tolist()
         out.update({name: point.item(), f"{name}_lo": lo, f"{name}_hi": hi})
     return {**out, "n": n, "resamples": resamples, "level": level}
+
+
+def diagonal_intervals(head: nn.Linear, train_features: torch.Tensor, train_labels: torch.Tensor,
+                       test_features: torch.Tensor, test_labels: torch.Tensor, ks, resamples: int = 2000,
+                       level: float = 0.95, seed: int = 0) -> list[dict]:
+    """The relative-vs-k curve with intervals: for each k, Algorithm 1 at k = k' on the training features,
+    then `bootstrap_accuracy` over the test images (the same seed, hence the same resamples, for every k)."""
+    rows = []
+    for k in ks:
+        influence = influential_features(train_features, train_labels, int(k), int(k),
+                                         num_classes=head.out_features)
+        full, dec = correct_predictions(head, influence, test_features, test_labels)
+        rows.append({"k": int(k), "k_prime": int(k), **bootstrap_accuracy(full, dec, resamples, level, seed)})
+    return rows
