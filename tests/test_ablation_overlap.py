@@ -1,12 +1,23 @@
 """Noise ablation (Table 8) and index-set overlap (Jaccard, mutual information)."""
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import planted
 from sklearn.metrics import mutual_info_score
 from torch import nn
 
-from classfilters import influential_features, jaccard_matrix, mean_pairwise, mutual_information_matrix, noise_ablation
-from classfilters.ablation import non_influential_mask
+from classfilters import (
+    InfluentialFeatures,
+    influential_features,
+    jaccard_matrix,
+    mean_over_all_class_pairs,
+    mean_pairwise,
+    mutual_information_matrix,
+    noise_ablation,
+)
+from classfilters.ablation import arm_masks, non_influential_mask, summarize, with_noise
 
 
 def planted_head(d=32, c=6):
@@ -18,18 +29,83 @@ def planted_head(d=32, c=6):
     return head
 
 
+def rows_by_key(rows):
+    return {(r["noise"], r["head"], r["replaced"]): r for r in summarize(rows)}
+
+
 def test_noise_on_influential_features_hurts_far_more():
     train, train_y = planted(seed=0)
     test, test_y = planted(seed=1)
     influence = influential_features(train, train_y, 2, 2)
-    rows = {(r["variant"], r["head"], r["replaced"]): r["accuracy"] for r in noise_ablation(
-        planted_head(), influence, test, test_y, train)}
-    assert rows[("none", "full", "nothing")] == 1.0
-    for variant, head in (("authors", "full"), ("matched", "full"), ("matched", "decomposed")):
-        assert rows[(variant, head, "non-influential")] > 0.95
-        assert rows[(variant, head, "influential")] < rows[(variant, head, "non-influential")] - 0.3
+    rows = noise_ablation(planted_head(), influence, test, test_y, train, draws=10)
+    summary = rows_by_key(rows)
+    assert summary[("none", "full", "nothing")]["mean"] == 1.0
+    for noise, head in (("standard_normal", "full"), ("matched", "full"), ("matched", "decomposed")):
+        for arm in ("non_influential_all", "non_influential_matched_size"):
+            assert summary[(noise, head, arm)]["mean"] > 0.85, (noise, head, arm)
+            assert summary[(noise, head, arm)]["draws"] == 10
+        assert summary[(noise, head, "influential")]["mean"] < summary[(noise, head, "non_influential_all")]["mean"] - 0.3
     # unscaled N(0, 1) noise is far below the planted feature's scale: it destroys it outright
-    assert rows[("authors", "full", "influential")] < 0.4
+    assert summary[("standard_normal", "full", "influential")]["mean"] < 0.4
+    # the authors' Table 8 is exactly the two N(0, 1), full-head rows: I_y, and everything outside I_y
+    marked = {(r["replaced"]) for r in summarize(rows) if r["authors_table8"] and r["noise"] != "none"}
+    assert marked == {"influential", "non_influential_all"}
+
+
+def test_the_non_influential_arms_really_replace_features():
+    """A head that reads only features outside every I_c: noising all of them must destroy it."""
+    train, train_y = planted(seed=0)
+    test, test_y = planted(seed=1)
+    influence = influential_features(train, train_y, 2, 2)
+    head = planted_head()
+    with torch.no_grad():                                     # the class signal moved to feature 3c + 2
+        head.weight.zero_()
+        head.weight[torch.arange(6), 3 * torch.arange(6) + 2] = 1.0
+    test = test.clone()
+    test[torch.arange(len(test_y)), 3 * test_y + 2] += 4.0
+    assert not influence.mask[:, 3 * torch.arange(6) + 2].any()
+    summary = rows_by_key(noise_ablation(head, influence, test, test_y, train, draws=10))
+    assert summary[("none", "full", "nothing")]["mean"] == 1.0
+    assert summary[("standard_normal", "full", "influential")]["mean"] == 1.0
+    assert summary[("standard_normal", "full", "non_influential_all")]["mean"] < 0.4
+    # the size-matched sets are random: across draws they sometimes hit feature 3y + 2, so the mean drops
+    # and the draws differ
+    assert summary[("standard_normal", "full", "non_influential_matched_size")]["mean"] < 1.0
+    assert summary[("standard_normal", "full", "non_influential_matched_size")]["std"] > 0
+
+
+def test_arms_and_noise_replace_exactly_the_chosen_entries():
+    train, train_y = planted()
+    influence = influential_features(train, train_y, 2, 2)
+    arms = arm_masks(influence, train_y, torch.Generator().manual_seed(0))
+    mask = influence.mask[train_y]
+    assert torch.equal(arms["influential"], mask)
+    assert torch.equal(arms["non_influential_all"], ~mask)
+    assert torch.equal(arms["non_influential_matched_size"].sum(1), mask.sum(1))
+    assert not (arms["non_influential_matched_size"] & mask).any()
+    for where in arms.values():
+        noisy = with_noise(train, where, 0.0, 1.0, seed=3)
+        assert torch.equal(noisy != train, where)
+
+
+def test_matched_noise_has_each_features_mean_and_std():
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.linspace(-2, 5, 8), torch.linspace(0.1, 3, 8)
+    noisy = with_noise(torch.zeros(20000, 8), torch.ones(20000, 8, dtype=torch.bool), mean, std, gen)
+    assert torch.allclose(noisy.mean(0), mean, atol=0.05)
+    assert torch.allclose(noisy.std(0), std, rtol=0.03)
+
+
+def test_draws_are_reproducible_and_differ():
+    train, train_y = planted(seed=0)
+    test, test_y = planted(seed=1, strength=1.0)
+    influence = influential_features(train, train_y, 2, 2)
+    a = noise_ablation(planted_head(), influence, test, test_y, train, seed=5, draws=10)
+    assert a == noise_ablation(planted_head(), influence, test, test_y, train, seed=5, draws=10)
+    acc = [r["accuracy"] for r in a if (r["noise"], r["replaced"]) == ("matched", "influential") and r["head"] == "full"]
+    assert len(acc) == 10 and len(set(acc)) > 1                                    # ten different draws
+    with pytest.raises(ValueError, match="draws"):
+        noise_ablation(planted_head(), influence, test, test_y, train, draws=0)
 
 
 def test_non_influential_sets_are_disjoint_and_matched_in_size():
@@ -56,3 +132,28 @@ def test_mutual_information_matches_scikit_learn():
         for b in range(5):
             assert mi[a, b].item() == pytest.approx(mutual_info_score(mask[a].numpy(), mask[b].numpy()), abs=1e-12)
     assert mean_pairwise(mi) == pytest.approx(mi[~torch.eye(5, dtype=torch.bool)].mean().item())
+
+
+def test_mutual_information_by_hand_and_both_averages():
+    """D = 4, I_a = {0, 1}, I_b = {0}: p(1,1) = p(1,0) = 1/4, p(0,0) = 1/2, p(0,1) = 0."""
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    mi = mutual_information_matrix(mask)
+    ab = 0.25 * math.log(2) + 0.25 * math.log(2 / 3) + 0.5 * math.log(4 / 3)
+    entropy_a, entropy_b = math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert mi[0, 1].item() == pytest.approx(ab) and mi[1, 0].item() == pytest.approx(ab)
+    assert mi[0, 0].item() == pytest.approx(entropy_a) and mi[1, 1].item() == pytest.approx(entropy_b)
+    assert mean_pairwise(mi) == pytest.approx(ab)                                          # ours: distinct pairs
+    assert mean_over_all_class_pairs(mi) == pytest.approx((entropy_a + entropy_b + 2 * ab) / 4)  # the paper's
+
+
+@pytest.mark.parametrize("folder, paper_definition, ours", [("cifar10-cpu", 0.0351, 0.0086),
+                                                             ("cifar10-cpu-resnet20", 0.0340, 0.0073)])
+def test_committed_index_sets_under_the_papers_definition(folder, paper_definition, ours):
+    """The committed ResNet-20 index sets (k = k' = 5) score about the paper's 0.0345 under its averaging."""
+    path = Path(__file__).resolve().parents[1] / "figures" / folder / "influence.json"
+    influence = InfluentialFeatures.load(path)
+    assert (influence.k, influence.k_prime, influence.num_features) == (5, 5, 64)
+    mi = mutual_information_matrix(influence.mask)
+    assert mean_over_all_class_pairs(mi) == pytest.approx(paper_definition, abs=5e-5)
+    assert mean_pairwise(mi) == pytest.approx(ours, abs=5e-5)
+    assert abs(mean_over_all_class_pairs(mi) - 0.0345) < 0.001

@@ -1,7 +1,11 @@
 """Class-Specific Gates (csg.py) and the Table 7 maps (visualize.py) on small inputs and the digits model."""
+import pytest
 import torch
+from torch import nn
 
 from classfilters import Recipe, csg, extract_features, influential_features, open_dataset, visualize
+from classfilters.data import ImageSplit
+from classfilters.models import FeatureModel
 
 
 def test_gate_rules():
@@ -15,11 +19,62 @@ def test_gate_rules():
     assert csg.gate_mask(gates, 2, "lowest").tolist() == [[False, True, True, False], [True, False, False, True]]
     phi = torch.ones(2, 4)
     assert torch.equal(csg.gate(phi, gates, torch.tensor([0, 1])), gates.T)
+    g = torch.tensor([[0.2, 0.4], [-0.1, 0.0], [3.0, -1.0]])
+    csg.clip_gates_(g)
+    assert torch.equal(g, torch.tensor([[0.2, 0.4], [0.0, 0.0], [1.0, 0.0]]))
+    assert csg.l1_density(g) == pytest.approx(1.6 / 6) and csg.nonzero_fraction(g) == pytest.approx(3 / 6)
+
+
+def planted_csg_case(num_classes=4, d=12, n=64):
+    """Features as 1x1 'images' (identity body): class c has feature 3c on; the head reads 3c for c."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(num_classes).repeat_interleave(n)
+    x = torch.randint(0, 60, (len(labels), d), generator=gen)
+    x[torch.arange(len(labels)), 3 * labels] += 190
+    split = ImageSplit(labels, [str(c) for c in range(num_classes)], "planted", "planted-csg-v1",
+                       images=x.to(torch.uint8)[:, :, None, None], mean=(0.0,) * d, std=(1.0,) * d)
+    head = nn.Linear(d, num_classes)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.weight[torch.arange(num_classes), 3 * torch.arange(num_classes)] = 1.0
+    return FeatureModel(nn.Identity(), head, name="planted"), split
+
+
+def test_csg_gates_of_features_a_class_does_not_use_close():
+    """With the gates clipped (not divided by their row's max), every gate but the planted G[3c, c] goes to 0:
+    the L1-density falls from 0.5 to 1/12, and both paths still classify every image."""
+    model, split = planted_csg_case()
+    recipe = Recipe(epochs=10, batch_size=32, lr=1e-3, crop_padding=0, flip=False, weight_decay=0)
+    gated = csg.train_csg(model, split, recipe, lam=0.01, gate_lr=0.05, device="cpu")
+    g = gated.gates.detach()
+    planted = torch.zeros_like(g, dtype=torch.bool)
+    planted[3 * torch.arange(4), torch.arange(4)] = True
+    assert (g[planted] > 0.9).all()
+    assert g[~planted].max() < 0.05
+    assert csg.l1_density(g) < 0.1 and csg.nonzero_fraction(g) < 0.2
+    features = extract_features(gated.model, split, progress=False)
+    assert csg.path_accuracies(gated, features, split.labels) == {"standard": 1.0, "gated": 1.0}
+    # the official row-max rule on the same data: rows the loss says nothing about stay open (no sparsity there)
+    official = csg.train_csg(model, split, recipe, lam=0.01, gate_lr=0.05, device="cpu", gate_rule="row_max")
+    unused = torch.ones(12, dtype=torch.bool)
+    unused[3 * torch.arange(4)] = False
+    assert (official.gates.detach()[unused] > 0.9).all() and csg.l1_density(official.gates) > 0.5
+    with pytest.raises(ValueError, match="gate_rule"):
+        csg.train_csg(model, split, recipe, gate_rule="max")
+
+
+def test_untrained_model_is_seeded():
+    train = open_dataset("digits", "train")
+    a, b = csg.untrained_model("resnet8", train, seed=3), csg.untrained_model("resnet8", train, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a.num_classes == 10 and not torch.equal(a.head.weight, csg.untrained_model("resnet8", train, 4).head.weight)
 
 
 def test_csg_training_keeps_gates_normalised(digits_model):
     train = open_dataset("digits", "train").subset(torch.arange(256))
-    gated = csg.train_csg(digits_model, train, Recipe(epochs=1, batch_size=64, lr=0.02, flip=False), lam=0.01)
+    gated = csg.train_csg(digits_model, train, Recipe(epochs=1, batch_size=64, lr=0.02, flip=False), lam=0.01,
+                          gate_rule="row_max")
     g = gated.gates.detach()
     assert g.shape == (64, 10) and g.min() >= 0 and g.max() <= 1
     assert torch.allclose(g.amax(1)[g.amax(1) > 0], torch.ones(1))            # every live row peaks at 1

@@ -13,7 +13,6 @@ profile cost no torch import; `from classfilters import X` works as usual.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"  # the only place the version is written (pyproject.toml reads it)
 
@@ -26,49 +25,16 @@ _EXPORTS = {
     "InfluentialFeatures": "influence", "influential_features": "influence",
     "CifarResNet": "models", "FeatureModel": "models", "as_feature_model": "models", "build_model": "models",
     "load_cifar_resnet": "models",
-    "jaccard_matrix": "overlap", "mean_pairwise": "overlap", "mutual_information_matrix": "overlap",
+    "jaccard_matrix": "overlap", "mean_over_all_class_pairs": "overlap", "mean_pairwise": "overlap",
+    "mutual_information_matrix": "overlap",
     "Profile": "profile", "load_profile": "profile",
     "Recipe": "recipe",
     "Study": "session", "Subject": "session", "open_study": "session",
     "DEFAULT_K": "sizes", "as_size": "sizes",
+    "bootstrap_accuracy": "uncertainty", "correct_predictions": "uncertainty",
     "finetune_head": "train", "finetune_network": "train", "train_classifier": "train", "trained_model": "train",
 }
-__all__ = [  # the same names as _EXPORTS (a test checks)
-    "DEFAULT_K",
-    "CifarResNet",
-    "DatasetError",
-    "DecomposedHead",
-    "FeatureModel",
-    "ImageSplit",
-    "InfluentialFeatures",
-    "Profile",
-    "Recipe",
-    "Study",
-    "Subject",
-    "accuracy",
-    "as_feature_model",
-    "as_size",
-    "build_model",
-    "default_device",
-    "evaluate",
-    "extract_features",
-    "extract_features_many",
-    "finetune_head",
-    "finetune_network",
-    "grid_accuracy",
-    "influential_features",
-    "init_distributed",
-    "jaccard_matrix",
-    "load_cifar_resnet",
-    "load_profile",
-    "mean_pairwise",
-    "mutual_information_matrix",
-    "noise_ablation",
-    "open_dataset",
-    "open_study",
-    "train_classifier",
-    "trained_model",
-]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
@@ -82,18 +48,3 @@ def __getattr__(name: str):
 def __dir__():
     return sorted([*globals(), *_EXPORTS])
 
-
-if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .ablation import noise_ablation
-    from .data import DatasetError, ImageSplit, open_dataset
-    from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
-    from .device import default_device, init_distributed
-    from .features import extract_features, extract_features_many
-    from .influence import InfluentialFeatures, influential_features
-    from .models import CifarResNet, FeatureModel, as_feature_model, build_model, load_cifar_resnet
-    from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
-    from .profile import Profile, load_profile
-    from .recipe import Recipe
-    from .session import Study, Subject, open_study
-    from .sizes import DEFAULT_K, as_size
-    from .train import finetune_head, finetune_network, train_classifier, trained_model
