@@ -77,3 +77,97 @@ def test_a_truncated_checkpoint_says_so(tmp_path):
     (tmp_path / "cut.th").write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match="could not be read"):
         read_checkpoint(tmp_path / "cut.th")
+
+
+# --------------------------------------------------------------------------------------
+# The cache: keyed by the forward code, checked on read, never fatal, cleaned after kills
+
+def test_a_model_pooled_differently_gets_its_own_features(digits_model, tmp_path, monkeypatch):
+    from classfilters import FeatureModel, extract_features, open_dataset
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path))
+    test = open_dataset("digits", "test")
+    mean = extract_features(digits_model, test, progress=False)
+    pooled = FeatureModel(digits_model.body, digits_model.head, pool=lambda maps: maps.amax((2, 3)))
+    maxed = extract_features(pooled, test, progress=False)  # same weights, another forward
+    assert torch.equal(maxed, extract_features(pooled, test, use_cache=False, progress=False))
+    assert not torch.allclose(mean, maxed)
+
+
+def test_overwritten_bytes_in_an_entry_are_detected(tmp_path, monkeypatch):
+    from classfilters import cache
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path))
+    key = {"what": "test"}
+    path = cache.save("features", key, {"features": torch.arange(1000, dtype=torch.float32)})
+    data = bytearray(path.read_bytes())
+    data[-100:-96] = torch.tensor([12345.0]).numpy().tobytes()  # one value, in place: the file stays valid
+    path.write_bytes(bytes(data))
+    with pytest.warns(cache.CacheWarning, match="checksum"):
+        assert cache.load("features", key) is None
+    cache.save("features", key, {"features": torch.arange(1000, dtype=torch.float32)})
+    assert torch.equal(cache.load("features", key)["features"], torch.arange(1000, dtype=torch.float32))
+
+
+def test_a_cache_that_cannot_be_written_is_reported_once_and_skipped(digits_model, tmp_path, monkeypatch):
+    import os
+
+    from classfilters import cache, extract_features, open_dataset
+    test = open_dataset("digits", "test")
+    expected = extract_features(digits_model, test, use_cache=False, progress=False)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    places = [a_file, a_file / "below"]
+    if os.geteuid() != 0:  # root writes read-only folders anyway
+        read_only = tmp_path / "read-only"
+        read_only.mkdir()
+        read_only.chmod(0o500)
+        places.append(read_only)
+    for place in places:
+        monkeypatch.setenv("CLASSFILTERS_CACHE", str(place))
+        with pytest.warns(cache.CacheWarning, match="cannot be written") as caught:
+            assert torch.equal(extract_features(digits_model, test, progress=False, checkpoint_every=100), expected)
+        assert len([w for w in caught if "cannot be written" in str(w.message)]) == 1
+
+
+KILLED_WRITE = """
+import os, signal, sys, torch
+import safetensors.torch
+from classfilters import cache
+def killed(tensors, filename, metadata=None):
+    open(filename, "wb").write(b"half an entry")
+    os.kill(os.getpid(), signal.SIGKILL)
+cache.save_file = killed
+cache.save("features", {"killed": 1}, {"features": torch.zeros(10)})
+"""
+
+
+def test_a_killed_writes_temporaries_are_removed_on_the_next_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from classfilters import cache
+    folder = tmp_path / "features"
+    env = {**os.environ, "CLASSFILTERS_CACHE": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", KILLED_WRITE], env=env, check=False)
+    assert run.returncode == -9
+    left = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].read_bytes() == b"half an entry"
+    old_theirs = folder / ".tmpAbC123"  # safetensors' own temporary, untouched for two hours
+    old_theirs.write_bytes(b"x")
+    os.utime(old_theirs, (time.time() - 7200, time.time() - 7200))
+    fresh_theirs = folder / ".tmpXyZ789"  # maybe being written right now: kept
+    fresh_theirs.write_bytes(b"x")
+    live_ours = folder / f".{cache._host()}.{os.getpid()}.abc.tmp"  # a live process's: kept
+    live_ours.write_bytes(b"x")
+    entry = folder / "0123.safetensors"
+    entry.write_bytes(b"x")
+    removed = cache.remove_stale_temporaries(folder)
+    assert sorted(removed) == sorted([left[0], old_theirs])
+    assert fresh_theirs.exists() and live_ours.exists() and entry.exists()
+    subprocess.run([sys.executable, "-c", "from classfilters import cache; cache.writable('features')"],
+                   env={**env, "CLASSFILTERS_CACHE": str(tmp_path)}, check=True)  # a next start cleans too
+    os.utime(fresh_theirs, (time.time() - 7200, time.time() - 7200))
+    subprocess.run([sys.executable, "-c", "from classfilters import cache; cache.writable('features')"],
+                   env=env, check=True)
+    assert not fresh_theirs.exists() and live_ours.exists()

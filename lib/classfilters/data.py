@@ -164,7 +164,8 @@ def _cifar10_torchvision(root: Path, split: str, download: bool) -> ImageSplit:
 
 def _decoded_tree(path: Path, split: str, name: str, digest: str) -> ImageSplit:
     """A <split>/<class>/<file> tree (folder or tar archive) decoded once and cached as uint8."""
-    key = {"source": digest, "split": split, "layout": "split/class/file"}
+    import torchvision
+    key = {"source": digest, "split": split, "layout": "split/class/file", "torchvision": torchvision.__version__}
     hit = cache.load("decoded", key)
     if hit is None:
         files = _read_tree(path, split)
