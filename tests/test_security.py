@@ -2,6 +2,7 @@
 splits, broken or unwritable caches, bad arguments."""
 import pathlib
 import pickle
+from functools import partial
 
 import pytest
 import torch
@@ -37,10 +38,10 @@ def test_a_malicious_checkpoint_runs_no_code(tmp_path):
     for path in files:
         renamed = path.with_suffix(".pt")  # a .pt goes through the state-dict path, not the CIFAR one
         renamed.write_bytes(path.read_bytes())
-        for load in (read_checkpoint, lambda p: build_model("resnet8", p), lambda p: build_model("resnet8", renamed),
-                     lambda p: build_model("resnet50", p)):
+        for load, source in ((read_checkpoint, path), (partial(build_model, "resnet8"), path),
+                             (partial(build_model, "resnet8"), renamed), (partial(build_model, "resnet50"), path)):
             with pytest.raises(UntrustedCheckpointError, match="trust_checkpoint=True") as err:
-                load(path)
+                load(source)
             assert path.stem in str(err.value) and "run code" in str(err.value)
             assert not marker.exists(), f"loading {path.name} ran its code"
 
@@ -171,3 +172,116 @@ def test_a_killed_writes_temporaries_are_removed_on_the_next_start(tmp_path):
     subprocess.run([sys.executable, "-c", "from classfilters import cache; cache.writable('features')"],
                    env=env, check=True)
     assert not fresh_theirs.exists() and live_ours.exists()
+
+
+# --------------------------------------------------------------------------------------
+# Class lists: every split must hold the model's classes, named alike
+
+def jpeg_tree(root, splits):
+    """root/<split>/<class>/<i>.jpg with two tiny random images per class."""
+    from torchvision.io import encode_jpeg
+    gen = torch.Generator().manual_seed(0)
+    for split, classes in splits.items():
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(2):
+                image = torch.randint(0, 256, (3, 8, 8), generator=gen, dtype=torch.uint8)
+                (folder / f"{i}.jpg").write_bytes(encode_jpeg(image).numpy().tobytes())
+    return root
+
+
+CLASSES = ["bird", "cat", "dog"]
+
+
+@pytest.mark.parametrize(("test_classes", "said"), [
+    (["bird", "cat"], r"test has missing \['dog'\]"),
+    (CLASSES + ["eel"], r"test has extra \['eel'\]"),
+    (["bird", "cat", "dgo"], r"renamed or reordered .* 'dog' -> 'dgo'"),
+])
+def test_differing_class_lists_stop_before_any_work(tmp_path, test_classes, said, capsys):
+    from classfilters.cli import main
+    from classfilters.data import DatasetError, check_same_classes, open_dataset
+    root = jpeg_tree(tmp_path / "tree", {"train": CLASSES, "test": test_classes})
+    train, test = open_dataset(f"cifar10:{root}", "train"), open_dataset(f"cifar10:{root}", "test")
+    with pytest.raises(DatasetError, match=said):
+        check_same_classes({"train": train.classes, "test": test.classes})
+    assert main(["--model", "resnet8", "--dataset", f"cifar10:{root}", "--train-epochs", "50"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err
+    assert __import__("re").search(said, err)
+
+
+def test_a_model_with_other_classes_is_refused(tmp_path, capsys):
+    from classfilters.cli import main
+    root = jpeg_tree(tmp_path / "tree", {"train": CLASSES, "test": CLASSES})
+    for suffix, said in ((".th", "resnet8 from .* predicts 10 classes but the train split has 3"),
+                         (".pt", r"linear.weight: checkpoint \(10, 64\) vs model \(3, 64\)")):
+        torch.save(CifarResNet(8, num_classes=10).state_dict(), tmp_path / f"ten{suffix}")
+        assert main(["--model", "resnet8", "--checkpoint", str(tmp_path / f"ten{suffix}"),
+                     "--dataset", f"cifar10:{root}"]) == 1
+        assert __import__("re").search(said, capsys.readouterr().err)
+
+
+def test_a_truncated_tar_does_not_load_with_fewer_classes(tmp_path):
+    import tarfile
+
+    from classfilters.data import DatasetError, open_dataset
+    root = jpeg_tree(tmp_path / "tree", {"train": CLASSES, "test": CLASSES})
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tf:
+        tf.add(root / "train", "train")
+        tf.add(root / "test", "test")
+    assert open_dataset(f"cifar10:{whole}", "train").classes == CLASSES
+    with tarfile.open(whole) as tf:  # cut at the header of the first member of the last train class
+        cut_at = next(m.offset for m in tf if m.name.startswith("train/dog"))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:cut_at])
+    with pytest.raises(DatasetError, match="truncated"):
+        open_dataset(f"cifar10:{cut}", "train")
+    with pytest.raises(DatasetError, match="truncated"):
+        open_dataset(f"cifar10:{cut}", "test")
+
+
+# --------------------------------------------------------------------------------------
+# Arguments: all checked before any work, one line per error
+
+def test_bad_arguments_are_all_said_before_any_work(tmp_path, capsys):
+    from classfilters.cli import main
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--model", "resnet8", "--dataset", "digits:extra", "--k", "0", "--k-prime", "1.5",
+                 "--batch-size", "0", "--train-epochs", "0", "--device", "cuda:7", "--out", str(blocker / "x.json")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("python -m classfilters: error: ") for line in lines)
+    said = "\n".join(lines)
+    for expected in ("--k 0", "--k-prime 1.5", "--batch-size 0", "--train-epochs 0", "digits takes no path",
+                     "--device cuda:7", "--out"):
+        assert expected in said
+    assert len(lines) == 7
+
+
+def test_a_checkpoint_with_train_epochs_or_a_missing_file_is_refused(tmp_path, capsys):
+    from classfilters.cli import main
+    assert main(["--model", "resnet8", "--dataset", "digits", "--checkpoint", str(tmp_path / "none.th"),
+                 "--train-epochs", "3", "--device", "warp-drive", "--dataset", "mnist"]) == 2
+    said = capsys.readouterr().err
+    assert "no such file" in said and "--train-epochs applies only" in said and "not a device name" in said
+    assert "unknown kind 'mnist'" in said
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_the_cli_refuses_a_malicious_checkpoint_unless_trusted(tmp_path, capsys):
+    from classfilters.cli import main
+    marker, (zipped, legacy, raw) = malicious_checkpoints(tmp_path)
+    for path in (zipped, raw):
+        assert main(["--model", "resnet8", "--checkpoint", str(path), "--dataset", "digits", "--k", "3"]) == 1
+        err = capsys.readouterr().err
+        assert "--trust-checkpoint" in err and len(err.strip().splitlines()) == 1
+        assert not marker.exists()
+
+
+def test_k_larger_than_the_features_is_said_before_training(capsys):
+    from classfilters.cli import main
+    assert main(["--model", "resnet8", "--dataset", "digits", "--k", "65", "--train-epochs", "100"]) == 1
+    assert "--k=65 is out of range" in capsys.readouterr().err

@@ -392,7 +392,7 @@ def read_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict:
     if isinstance(state, nn.Module):  # a whole pickled model (trusted)
         state = state.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors")  # noqa: TRY004 (bad file)
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
