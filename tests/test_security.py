@@ -273,15 +273,97 @@ def test_a_checkpoint_with_train_epochs_or_a_missing_file_is_refused(tmp_path, c
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_the_cli_refuses_a_malicious_checkpoint_unless_trusted(tmp_path, capsys):
     from classfilters.cli import main
-    marker, (zipped, legacy, raw) = malicious_checkpoints(tmp_path)
-    for path in (zipped, raw):
+    marker, files = malicious_checkpoints(tmp_path)
+    for path in files:
         assert main(["--model", "resnet8", "--checkpoint", str(path), "--dataset", "digits", "--k", "3"]) == 1
         err = capsys.readouterr().err
         assert "--trust-checkpoint" in err and len(err.strip().splitlines()) == 1
         assert not marker.exists()
+    main(["--model", "resnet8", "--checkpoint", str(files[0]), "--dataset", "digits", "--trust-checkpoint"])
+    assert marker.exists()  # trusted: unpickled in full, payload included
 
 
 def test_k_larger_than_the_features_is_said_before_training(capsys):
     from classfilters.cli import main
     assert main(["--model", "resnet8", "--dataset", "digits", "--k", "65", "--train-epochs", "100"]) == 1
     assert "--k=65 is out of range" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# The library refuses what cannot give a meaningful number
+
+def planted_setup():
+    from conftest import planted
+
+    from classfilters import influential_features
+    features, labels = planted()
+    head = torch.nn.Linear(features.shape[1], 6)
+    return features, labels, head, influential_features(features, labels, 3, 3)
+
+
+@pytest.mark.parametrize(("spoil", "said"), [
+    (lambda f, y: (f.index_put((torch.tensor([3]), torch.tensor([1])), torch.tensor(float("nan"))), y), "NaN or inf"),
+    (lambda f, y: (f.index_put((torch.tensor([4]), torch.tensor([2])), torch.tensor(float("inf"))), y), "NaN or inf"),
+    (lambda f, y: (f, y.float() + 0.5), "integer class indices"),
+    (lambda f, y: (f, torch.where(y == 5, 6, y)), r"must lie in \[0, 6\); found 0..6"),
+    (lambda f, y: (f, y - 1), r"must lie in \[0, 6\)"),
+    (lambda f, y: (f, y[:-1]), "shape"),
+    (lambda f, y: (f[:, :-1], y), "columns"),
+])
+def test_evaluate_and_grid_refuse_bad_features_and_labels(spoil, said):
+    from classfilters import evaluate, grid_accuracy
+    features, labels, head, influence = planted_setup()
+    bad_features, bad_labels = spoil(features.clone(), labels.clone())
+    with pytest.raises((ValueError, TypeError), match=said):
+        evaluate(head, influence, bad_features, bad_labels)
+    with pytest.raises((ValueError, TypeError), match=said):
+        grid_accuracy(features, labels, bad_features, bad_labels, head, [1, 3], [1, 3])
+    with pytest.raises((ValueError, TypeError), match=said):
+        grid_accuracy(bad_features, bad_labels, features, labels, head, [1, 3], [1, 3])
+
+
+def test_float_labels_are_refused_by_algorithm_1():
+    from classfilters import influential_features
+    features, labels, _, _ = planted_setup()
+    with pytest.raises(TypeError, match="integer class indices"):
+        influential_features(features, labels.float(), 3, 3)
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch"])
+def test_all_zero_rows_are_warned_about(device):
+    from classfilters import influential_features
+    features, labels, _, _ = planted_setup()
+    features[:7] = 0
+    if device == "torch":
+        features = features.double()  # not a kernel dtype: the torch path
+    with pytest.warns(UserWarning, match="7 of 240 rows are all zero"):
+        influence = influential_features(features, labels, 3, 3)
+    assert influence.histograms[0, 2] >= 7  # the 7 zero rows (class 0) vote for features 0, 1 and 2
+    with pytest.warns(UserWarning, match="240 of 240 rows are all zero"):
+        influential_features(torch.zeros_like(features), labels, 3, 3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        influential_features(features[7:], labels[7:], 3, 3, num_classes=6)
+
+
+@pytest.mark.skipif(not __import__("classfilters.topk_cpu").topk_cpu.HAS_COMPRESS, reason="needs AVX-512")
+def test_every_compaction_gives_the_same_top_k():
+    from classfilters.influence import topk_indices
+    from classfilters.topk_cpu import COMPACTIONS, topk_rows_cpu
+    gen = torch.Generator().manual_seed(1)
+    for n, d, k in ((300, 64, 5), (200, 2048, 50), (50, 33, 1), (40, 100, 17)):
+        features = torch.relu(torch.randn(n, d, generator=gen))
+        expected = topk_indices(features, k).sort(1).values
+        for name in COMPACTIONS:
+            assert torch.equal(torch.from_numpy(topk_rows_cpu(features, k, name)[0]).long(), expected), name
+
+
+def test_a_compaction_the_cpu_lacks_is_refused(monkeypatch):
+    from classfilters import topk_cpu
+    monkeypatch.setattr(topk_cpu, "HAS_COMPRESS", False)
+    assert topk_cpu.compaction(None) == topk_cpu.COMPACTIONS["scalar"]  # the fallback, picked by itself
+    with pytest.raises(ValueError, match="needs AVX-512"):
+        topk_cpu.compaction("register")
+    with pytest.raises(ValueError, match="compress must be"):
+        topk_cpu.compaction("fast")

@@ -9,12 +9,15 @@ count, and the decomposed logits for every k' from one cumulative sum.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .influence import InfluentialFeatures, resolve_rank_by
+from .features import check_features
+from .influence import InfluentialFeatures, check_labels, resolve_rank_by
 
 
 class DecomposedHead(nn.Linear):
@@ -59,7 +62,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Full and decomposed accuracy on (test) features, their ratio and the layers' costs."""
+    """Full and decomposed accuracy on (test) features, their ratio and the layers' costs.
+    Features holding NaN or inf, or labels that are not class indices of the head, are refused."""
+    check_inputs(head, features, labels, "test features")
+    if influence.num_classes != head.out_features or influence.num_features != head.in_features:
+        raise ValueError(f"the index sets cover {influence.num_classes} classes x {influence.num_features} features "
+                         f"but the head is {head.out_features} x {head.in_features}: they were computed for another model")
     head = head.to(features.device)
     full = accuracy(head(features), labels)
     decomposed = accuracy(DecomposedHead(head, influence)(features), labels)
@@ -67,6 +75,14 @@ def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Te
             "relative": decomposed / full if full else float("nan"),
             "multiply_adds_full": head.in_features * head.out_features,
             "multiply_adds_decomposed": influence.multiply_adds}
+
+
+def check_inputs(head: nn.Linear, features: torch.Tensor, labels, what: str) -> torch.Tensor:
+    """Finite (N, D) features with D the head's inputs, integer labels (N,) in [0, C): int64 labels."""
+    check_features(features, what)
+    if features.shape[1] != head.in_features:
+        raise ValueError(f"{what} have {features.shape[1]} columns but the head takes {head.in_features} features")
+    return check_labels(labels, features.shape[0], head.out_features, f"labels of the {what}")
 
 
 def feature_ranks(features: torch.Tensor, rank_by: str = "auto") -> torch.Tensor:
@@ -87,6 +103,14 @@ def grid_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test
     Equals running Algorithm 1 and `evaluate` for each pair separately (integer k, k').
     """
     ks, k_primes = list(ks), list(k_primes)
+    train_labels = check_inputs(head, train_features, train_labels, "training features")
+    test_labels = check_inputs(head, test_features, test_labels, "test features")
+    try:
+        ks, k_primes = [operator.index(v) for v in ks], [operator.index(v) for v in k_primes]
+    except TypeError:
+        raise TypeError(f"ks and k_primes must be integer counts, got {ks} and {k_primes}") from None
+    if not ks or not k_primes:
+        raise ValueError("ks and k_primes must not be empty")
     n, d = train_features.shape
     c = head.out_features
     kmax = max(ks)
