@@ -84,7 +84,8 @@ def _writable(folder: Path) -> str | None:
         os.unlink(probe)
     except OSError as e:
         return f"{type(e).__name__}: {e.strerror or e}"
-    remove_stale_temporaries(folder)
+    for sub in (folder, *(p for p in folder.iterdir() if p.is_dir())) if folder == cache_dir() else (folder,):
+        remove_stale_temporaries(sub)
     return None
 
 

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 import yaml
 
-from .data import ImageSplit, folder_transform, open_dataset
+from .data import ImageSplit, check_same_classes, folder_transform, open_dataset
 from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
 from .features import extract_features_many
 from .influence import InfluentialFeatures, influential_features
@@ -196,8 +196,10 @@ class Study:
         """The profile's train or test split; for image folders, as a model's (resize, crop, interpolation)."""
         if (which, size) not in self._splits:
             cap = self.get("max_train") if which == "train" else self.get("max_test")
-            self._splits[which, size] = limit(open_dataset(dataset_spec(self.dataset), which, size), cap,
-                                              self.get("seed", 0))
+            opened = open_dataset(dataset_spec(self.dataset), which, size)
+            if which != "train":  # a test split numbering other classes would be scored as them
+                check_same_classes({"train": self.split("train", size).classes, which: opened.classes})
+            self._splits[which, size] = limit(opened, cap, self.get("seed", 0))
         return self._splits[which, size]
 
     def build(self, name: str) -> FeatureModel:
