@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"epochs to train when no weights are given (default {DEFAULT_EPOCHS})")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--no-cache", action="store_true", help="recompute features instead of reading the cache")
+    p.add_argument("--no-cache", action="store_true", help="recompute features instead of reading the cache (decoded data and trained models are still cached)")
     p.add_argument("--out", type=Path, help="where to write the JSON (default: print it)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
@@ -181,8 +181,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def run(args: argparse.Namespace, started: float, rank: int) -> int:
     use_cache = not args.no_cache
-    if use_cache:
-        cache.writable()  # said once, now, when it cannot be written
+    cache.writable()  # said once, now, when it cannot be written (decoded data and trained models use it anyway)
     train, test = open_dataset(args.dataset, "train"), open_dataset(args.dataset, "test")
     check_same_classes({"train": train.classes, "test": test.classes})
     in_channels = train.images.shape[1] if train.images is not None else 3
