@@ -365,3 +365,27 @@ def test_a_compaction_the_cpu_lacks_is_refused(monkeypatch):
         topk_cpu.compaction("register")
     with pytest.raises(ValueError, match="compress must be"):
         topk_cpu.compaction("fast")
+
+
+NO_AVX512 = """
+import torch
+from classfilters import influential_features, topk_cpu
+from classfilters.influence import topk_indices
+assert not topk_cpu.HAS_COMPRESS
+features = torch.relu(torch.randn(300, 100, generator=torch.Generator().manual_seed(0)))
+top, _, _ = topk_cpu.topk_rows_cpu(features, 7)
+assert torch.equal(torch.from_numpy(top).long(), topk_indices(features, 7).sort(1).values)
+print("scalar ok")
+"""
+
+
+def test_the_kernel_compiles_and_is_exact_on_a_cpu_without_avx512(tmp_path):
+    """numba made to target a Haswell (AVX2, no AVX-512), as on a CPU that lacks it: the AVX-512
+    paths must still compile (LLVM aborts on AVX-512 intrinsics otherwise) and the scalar one run."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+popcnt,+sse4.2,-avx512f",
+           "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", NO_AVX512], env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and "scalar ok" in run.stdout, run.stderr[-2000:]

@@ -31,7 +31,20 @@ from numba.extending import intrinsic
 LANES = 16                  # int32 lanes of one AVX-512 register
 BUCKETS_LOG2 = 7            # 128 value buckets between the threshold and the row maximum
 NONFINITE = 0x7F800000      # a key at or above this is inf or NaN
-HAS_COMPRESS = bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+def _target_has_avx512() -> bool:
+    """Whether the code numba makes may use AVX-512: the host has it and numba targets the host
+    (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES can name another CPU, e.g. for a portable cache)."""
+    from numba.core import config
+    if config.CPU_FEATURES is not None:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME not in (None, "host"):
+        return False  # a named CPU: the scalar path, right on every CPU
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+HAS_COMPRESS = _target_has_avx512()
 COMPACTIONS = {"scalar": 0, "register": 1, "memory": 2}  # how step 2 compacts (see _compress16_codegen)
 COMPRESS_REGISTER, COMPRESS_MEMORY = COMPACTIONS["register"], COMPACTIONS["memory"]
 
@@ -46,6 +59,10 @@ def _compress16_codegen(to_memory: bool):
     - memory: a masked compress-store (`vpcompressd` to memory), which writes only the chosen
       lanes. As fast on Intel, but microcoded on Zen 4: twice slower than the scalar loop there.
     """
+    # Without AVX-512 these paths never run (`compaction` refuses them) but are still compiled: the
+    # generic masked compress-store compiles for any CPU, the x86 compress intrinsic aborts LLVM.
+    to_memory = to_memory or not HAS_COMPRESS
+
     def codegen(context, builder, signature, args):
         row_v, start_v, threshold_v, keys_v, index_v, count_v = args
         i32 = ir.IntType(32)
