@@ -242,9 +242,10 @@ def check_same_classes(splits: dict[str, list[str]], num_classes: int | None = N
             continue
         missing = [c for c in reference if c not in classes]
         extra = [c for c in classes if c not in reference]
-        if len(classes) == len(reference) and missing:
-            renamed = [f"{a!r} -> {b!r}" for a, b in zip(reference, classes) if a != b]
-            problems.append(f"the {name} split's classes are renamed or reordered against the {first} split's: "
+        pairs = [(a, b) for a, b in zip(reference, classes) if a != b]
+        if len(classes) == len(reference) and missing and all(a in missing and b in extra for a, b in pairs):
+            renamed = [f"{a!r} -> {b!r}" for a, b in pairs]
+            problems.append(f"the {name} split's classes are renamed against the {first} split's: "
                             + ", ".join(renamed[:5]) + (" ..." if len(renamed) > 5 else ""))
         elif missing or extra:
             parts = ([f"missing {missing[:5]}" + (" ..." if len(missing) > 5 else "")] if missing else []) + \
