@@ -3,7 +3,9 @@ full sort of every feature vector), at CIFAR scale (50,000 x 64, 10 classes, k =
 ImageNet scale (1,281,167 x 2048, 1000 classes, k = k' = 50; a 200,000-row slice on the CPU).
 Baselines: that loop in PyTorch (one `torch.sort` per image, the authors' style) and in numpy
 (`np.argsort` per image); all run in this process on the same random ReLU features, must agree
-exactly, and the printed ratios are baseline / ours. `--loop-rows N` times the loops on the first
+exactly, and the printed ratios are baseline / ours. On the CPU the top-k kernel alone is also timed
+with each compaction (scalar; AVX-512 compress into a register; compress-store to memory, slow on
+AMD Zen 4), and the result file is named by the CPU's vendor, family and model. `--loop-rows N` times the loops on the first
 N rows only (checked against ours on the same rows) and scales their time by rows / N: the loops
 cost the same per row, and the full ImageNet-scale loops take minutes.
 
@@ -66,6 +68,11 @@ def main():
         rows.append({"scale": scale, "rows": n, "loop_rows": m, "D": d, "classes": c, "k": k, "device": device.type, "ours_s": ours,
                      **{f"{name}_s": t for name, t in loops.items()},
                      **{f"speedup_vs_{name}": t / ours for name, t in loops.items()}})
+        if device.type == "cpu":  # the numba kernel alone, for each compaction this CPU has (see topk_cpu.py)
+            from classfilters.topk_cpu import COMPACTIONS, HAS_COMPRESS, topk_rows_cpu
+            for compaction in COMPACTIONS if HAS_COMPRESS else ("scalar",):
+                kernel = best_of(partial(topk_rows_cpu, features, k, compaction))
+                rows.append({"scale": scale, "rows": n, "D": d, "k": k, "compaction": compaction, "kernel_s": kernel})
         if device.type == "cuda":  # the Triton kernel alone, for each number of warps per row
             from classfilters.topk_gpu import class_histograms_gpu
             for warps in (1, 2, 4, 8):

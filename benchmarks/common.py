@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from classfilters.provenance import cpu_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -28,13 +31,9 @@ def best_of(fn, repeat: int = 3, sync=None) -> float:
 
 
 def machine() -> dict:
+    """Where a result was measured: the CPU (vendor, family, model, name), cores, threads, GPU, versions, commit."""
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+            "cpu": cpu_info(), "cores": os.cpu_count()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -45,11 +44,20 @@ def machine() -> dict:
     return info
 
 
+def machine_slug() -> str:
+    """A file-name part that differs between machines: the GPU's name, or the CPU's vendor, family and
+    model (e.g. cpu-amd-f25-m17 for a Zen 4 EPYC), so results from different machines never overwrite."""
+    if torch.cuda.is_available():
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    cpu = cpu_info()
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(cpu["vendor"], str(cpu["vendor"]).lower())
+    return f"cpu-{vendor}-f{cpu['family']}-m{cpu['model']}"
+
+
 def record(name: str, rows: list[dict]) -> Path:
-    """Write the rows and the machine to benchmarks/results/<name>-<device>.json and print them."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    """Write the rows and the machine to benchmarks/results/<name>-<machine_slug>.json and print them."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}-{device}.json"
+    path = RESULTS / f"{name}-{machine_slug()}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows}, indent=1))
     for row in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

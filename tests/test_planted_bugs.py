@@ -66,7 +66,7 @@ def test_trained_model_cache_key_holds_the_recipe():
                                                           flip=False), device="cpu", progress=False)
     torch.manual_seed(0)  # trained_model's seeded initialisation
     init = cf.build_model("resnet8", num_classes=10, in_channels=1)
-    conv = [name for name, p in init.named_parameters() if p.dim() == 4][0]
+    conv = next(name for name, p in init.named_parameters() if p.dim() == 4)
     assert torch.equal(dict(frozen.named_parameters())[conv], dict(init.named_parameters())[conv])  # lr 0: untouched
     assert not torch.equal(dict(trained.named_parameters())[conv], dict(init.named_parameters())[conv])
 

@@ -34,7 +34,7 @@ _EXPORTS = {
     "bootstrap_accuracy": "uncertainty", "correct_predictions": "uncertainty",
     "finetune_head": "train", "finetune_network": "train", "train_classifier": "train", "trained_model": "train",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 -- derived, so the two cannot drift apart
 
 
 def __getattr__(name: str):

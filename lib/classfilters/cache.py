@@ -1,25 +1,45 @@
-"""On-disk cache of tensors: keyed by everything that affects them, written atomically.
+"""On-disk cache of tensors: keyed by everything that affects them, written atomically, checked on read.
 
-Entries are safetensors files named by a hash of their key (a dict of plain values); the
-key itself is stored in the file's metadata and checked on read, so a changed model,
-dataset, split or transform can never return a stale entry. Writes go to a temporary
-file in the same folder and are renamed into place, so an interrupted run leaves either
-the old entry or the new one, never half a file. The folder is `$CLASSFILTERS_CACHE`
-or `~/.cache/classfilters`.
+Entries are safetensors files named by a hash of their key (a dict of plain values). The key
+itself and a sha256 of the tensors (names, dtypes, shapes and bytes) are stored in the file's
+metadata and checked on read: a changed model, dataset, split or transform can never return a
+stale entry, and an entry whose bytes changed on disk is a miss (with a one-line warning) and is
+recomputed. Writes go to a temporary file in the same folder and are renamed into place, so an
+interrupted run leaves either the old entry or the new one, never half a file; the temporaries
+a killed run leaves behind (ours, named by host and process id, and safetensors' own `.tmpXXXXXX`)
+are removed on the next start, once their writer is provably gone (dead process) or they are
+old. A cache folder that cannot be written is reported once and the run goes on without it.
+
+The folder is `$CLASSFILTERS_CACHE` or `~/.cache/classfilters`. `code_identity(obj)` hashes what a
+function or module computes (its class, source code and settings) for keys that must change
+when the code does.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
+import re
+import socket
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-CACHE_FORMAT = 1  # bump when what is cached changes meaning
+CACHE_FORMAT = 2  # bump when what is cached changes meaning (2: a checksum in every entry)
+STALE_SECONDS = 3600  # a temporary untouched this long has no live writer (writes touch it continuously)
+_SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own temporary (Rust tempfile)
+_OUR_TEMP = re.compile(r"^\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+class CacheWarning(UserWarning):
+    """The cache could not be used as asked: a folder that cannot be written, a corrupt entry."""
 
 
 def cache_dir() -> Path:
@@ -38,33 +58,226 @@ def entry_path(kind: str, key: dict) -> Path:
     return cache_dir() / kind / f"{key_hash(key)}.safetensors"
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names, dtypes, shapes and bytes (in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, CacheWarning, stacklevel=3)
+
+
+@functools.cache
+def _writable(folder: Path) -> str | None:
+    """None when `folder` can be written (created if needed); else why not. Checked once per folder,
+    which is also when the stale temporaries of killed writes in it are removed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    for sub in (folder, *(p for p in folder.iterdir() if p.is_dir())) if folder == cache_dir() else (folder,):
+        remove_stale_temporaries(sub)
+    return None
+
+
+def writable(kind: str | None = None) -> bool:
+    """Whether the cache (or its folder for `kind`) can be written; says once, as a CacheWarning, when not."""
+    folder = cache_dir() / kind if kind else cache_dir()
+    reason = _writable(folder)
+    if reason is not None and cache_dir() not in _warned:  # once per cache, whichever kind
+        _warned.add(cache_dir())
+        _warn(f"the cache folder {folder} cannot be written ({reason}): going on without a cache "
+              "(results are recomputed next time); set CLASSFILTERS_CACHE to a writable folder")
+    return reason is None
+
+
+_warned: set[Path] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove the temporaries that killed writes left in `folder`: ours when their process (on this
+    host) is gone or they are older than STALE_SECONDS, safetensors' when older than STALE_SECONDS.
+    A temporary a live process is writing is never removed. Returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    host = _host()
+    for name in names:
+        ours = _OUR_TEMP.match(name)
+        if not ours and not _SAFETENSORS_TEMP.match(name):
+            continue
+        path = folder / name
+        try:
+            old = now - path.stat().st_mtime > STALE_SECONDS
+            dead = bool(ours) and ours["host"] == host and not _pid_alive(int(ours["pid"]))
+            if old or dead:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue  # gone already, or not ours to remove
+    return removed
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
 def load(kind: str, key: dict) -> dict[str, torch.Tensor] | None:
-    """The cached tensors for `key`, or None when absent, unreadable or for another key."""
+    """The cached tensors for `key`, or None when absent, unreadable, for another key or corrupt."""
     path = entry_path(kind, key)
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            stored = (f.metadata() or {}).get("key")
-        if stored != key_text(key):
+            metadata = f.metadata() or {}
+        if metadata.get("key") != key_text(key):
             return None
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError):
-        return None  # a corrupt entry is recomputed, not trusted
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        _warn(f"cache entry {path} is unreadable ({type(e).__name__}): recomputing it")
+        return None
+    if metadata.get("sha256") != tensors_digest(tensors):
+        _warn(f"cache entry {path} does not match its checksum (changed on disk): recomputing it")
+        return None
+    return tensors
 
 
-def save(kind: str, key: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def save(kind: str, key: dict, tensors: dict[str, torch.Tensor]) -> Path | None:
+    """Store `tensors` under `key`; None (after one warning) when the cache cannot be written."""
+    if not writable(kind):
+        return None
     path = entry_path(kind, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {"key": key_text(key), "sha256": tensors_digest(tensors)}
     try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"key": key_text(key)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_host()}.{os.getpid()}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except (OSError, SafetensorError) as e:  # a full disk, a folder made read-only meanwhile
+        _warn(f"could not write the cache entry {path} ({type(e).__name__}: {e}): going on without it")
+        return None
     return path
+
+
+def discard(kind: str, key: dict) -> None:
+    """Remove the entry for `key`, if any (and if the cache can be written)."""
+    try:
+        entry_path(kind, key).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def code_identity(obj) -> str:
+    """A hash of what `obj` computes: for a module, every submodule's class, forward source and
+    settings (plain attributes; not the weights); for a function or callable, its qualified name,
+    source (or bytecode), constants, bound arguments and closure. Changes when the code does."""
+    h = hashlib.sha256()
+    if isinstance(obj, torch.nn.Module):
+        for name, module in obj.named_modules():
+            h.update(f"{name}|{_callable_text(type(module))}|{_settings(module)}\n".encode())
+    else:
+        h.update(_callable_text(obj).encode())
+    return h.hexdigest()[:24]
+
+
+def _settings(module: torch.nn.Module) -> str:
+    """The module's plain attributes (e.g. a pooling's kernel size, a wrapper's method name)."""
+    items = []
+    for k, v in sorted(vars(module).items()):
+        if k.startswith("_") or k == "training" or isinstance(v, torch.nn.Module):
+            continue
+        items.append(f"{k}={_callable_text(v) if callable(v) else _plain(v)}")
+    return ";".join(items)
+
+
+def _plain(value) -> str:
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(value))  # no memory addresses
+
+
+def _callable_text(fn) -> str:
+    if isinstance(fn, functools.partial):
+        return f"partial({_callable_text(fn.func)}, {_plain(fn.args)}, {_plain(sorted(fn.keywords.items()))})"
+    if isinstance(fn, torch.nn.Module):
+        return code_identity(fn)
+    target = getattr(fn, "__func__", fn)  # a bound method: its function
+    name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
+    if inspect.isclass(target):
+        return f"{name}:{_class_source_hash(target)}"
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):  # a callable object
+        return f"{name}:{_class_source_hash(type(target))}:{_plain(vars(target) if hasattr(target, '__dict__') else '')}"
+    code = target.__code__
+    closure = [_plain(c.cell_contents) for c in (target.__closure__ or ()) if _cell_filled(c)]
+    return f"{name}:{_source_hash(target)}:{_plain(code.co_consts)}:{closure}:{_plain(target.__defaults__)}"
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 (an empty cell raises)
+    except ValueError:
+        return False
+    return True
+
+
+LIBRARIES_BY_VERSION = ("torch", "torchvision", "timm")  # their classes are identified by name and version
+
+
+@functools.cache
+def _class_source_hash(cls: type) -> str:
+    """The code of the class and of its bases (a method it inherits changes it too); classes of
+    torch, torchvision and timm by their name and the library's version."""
+    from importlib import metadata
+    h = hashlib.sha256()
+    for base in cls.__mro__:
+        library = base.__module__.split(".")[0]
+        if base is object:
+            continue
+        if library in LIBRARIES_BY_VERSION:
+            h.update(f"{base.__module__}.{base.__qualname__}@{metadata.version(library)}".encode())
+            continue
+        for name, member in sorted(vars(base).items()):
+            member = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
+            if inspect.isfunction(member):
+                h.update(f"{name}:{_source_hash(member)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _source_hash(fn) -> str:
+    """The function's source and bytecode names and constants (two lambdas on one line differ)."""
+    try:
+        text = inspect.getsource(fn)
+    except (OSError, TypeError):
+        text = repr(fn)
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        text += f"|{code.co_code.hex()}|{code.co_names}|{_plain(code.co_consts)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def file_digest(path: str | Path) -> str:

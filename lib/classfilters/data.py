@@ -104,6 +104,8 @@ def open_dataset(spec: str, split: str = "train", size: tuple | None = None) -> 
         raise ValueError(f"split must be 'train' or 'test' ('val' for image folders), got {split!r}")
     kind, _, path = spec.partition(":")
     if kind == "digits":
+        if path:
+            raise ValueError(f"digits takes no path (it is scikit-learn's bundled set), got {spec!r}: pass 'digits'")
         return load_digits(split)
     if kind == "cifar10":
         return load_cifar10(split, path or None)
@@ -169,7 +171,8 @@ def _cifar10_torchvision(root: Path, split: str, download: bool) -> ImageSplit:
 
 def _decoded_tree(path: Path, split: str, name: str, digest: str) -> ImageSplit:
     """A <split>/<class>/<file> tree (folder or tar archive) decoded once and cached as uint8."""
-    key = {"source": digest, "split": split, "layout": "split/class/file"}
+    import torchvision
+    key = {"source": digest, "split": split, "layout": "split/class/file", "torchvision": torchvision.__version__}
     hit = cache.load("decoded", key)
     if hit is None:
         files = _read_tree(path, split)
@@ -200,7 +203,7 @@ def _read_tree(path: Path, split: str) -> dict[str, list[tuple[str, bytes]]]:
                                    if f.suffix.lower() in IMAGE_SUFFIXES]
     else:
         try:
-            with tarfile.open(path) as tf:
+            with tarfile.open(path, tarinfo=_EndCheckingTarInfo) as tf:
                 for m in tf:
                     parts = Path(m.name).parts
                     parts = parts[parts.index(split):] if split in parts else ()
@@ -208,12 +211,59 @@ def _read_tree(path: Path, split: str) -> dict[str, list[tuple[str, bytes]]]:
                         files.setdefault(parts[1], [])
                     if len(parts) == 3 and m.isfile() and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
                         files.setdefault(parts[1], []).append((parts[2], tf.extractfile(m).read()))
+                end = getattr(tf, "end", None)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise DatasetError(f"{path} is not a readable archive ({type(e).__name__}: {e}); it may be "
                                "truncated or corrupt: copy or download it again") from e
+        if not isinstance(end, tarfile.EOFHeaderError):  # tarfile stops quietly at a cut or a bad header
+            raise DatasetError(f"{path} ends before its end-of-archive marker ({end or 'no end found'}): it is "
+                               "truncated or corrupt and would load with images or classes missing; copy or "
+                               "download it again")
     if not files:
         raise DatasetError(f"no '{split}/<class>/<image>' files found in {path}")
     return files
+
+
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Records on the archive why reading stopped: only a zero block (EOFHeaderError) is a proper end."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.HeaderError as e:
+            archive.end = e
+            raise
+
+
+def check_same_classes(splits: dict[str, list[str]], num_classes: int | None = None, model: str = "the model") -> None:
+    """Refuse class lists that differ between splits (or from a model's number of classes), naming the
+    difference: each split numbers its own sorted class folders, so a missing, extra or renamed class
+    would silently score images as another class."""
+    (first, reference), *others = splits.items()
+    problems = []
+    for name, classes in others:
+        if list(classes) == list(reference):
+            continue
+        missing = [c for c in reference if c not in classes]
+        extra = [c for c in classes if c not in reference]
+        pairs = [(a, b) for a, b in zip(reference, classes) if a != b]
+        if len(classes) == len(reference) and missing and all(a in missing and b in extra for a, b in pairs):
+            renamed = [f"{a!r} -> {b!r}" for a, b in pairs]
+            problems.append(f"the {name} split's classes are renamed against the {first} split's: "
+                            + ", ".join(renamed[:5]) + (" ..." if len(renamed) > 5 else ""))
+        elif missing or extra:
+            parts = ([f"missing {missing[:5]}" + (" ..." if len(missing) > 5 else "")] if missing else []) + \
+                    ([f"extra {extra[:5]}" + (" ..." if len(extra) > 5 else "")] if extra else [])
+            problems.append(f"the {name} split has {len(classes)} classes and the {first} split {len(reference)}: "
+                            f"{name} has " + " and ".join(parts))
+        else:
+            problems.append(f"the {name} split orders its classes differently from the {first} split")
+    if num_classes is not None and num_classes != len(reference):
+        problems.append(f"{model} predicts {num_classes} classes but the {first} split has {len(reference)}")
+    if problems:
+        raise DatasetError("; ".join(problems) + ". Every split must hold the same classes as the model "
+                           "(the same folder names); fix the copy or pick the matching model.")
 
 
 def _decode_all(blobs: list[bytes], source: Path) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import resolve_rank_by
-from .influence import InfluentialFeatures
+from .checks import check_features, resolve_rank_by
+from .influence import InfluentialFeatures, check_labels
 from .progress import tqdm
 from .sizes import as_size
 
@@ -61,7 +61,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Full and decomposed accuracy on (test) features, their ratio and the layers' costs."""
+    """Full and decomposed accuracy on (test) features, their ratio and the layers' costs.
+    Features holding NaN or inf, or labels that are not class indices of the head, are refused."""
+    check_inputs(head, features, labels, "test features")
+    if influence.num_classes != head.out_features or influence.num_features != head.in_features:
+        raise ValueError(f"the index sets cover {influence.num_classes} classes x {influence.num_features} features "
+                         f"but the head is {head.out_features} x {head.in_features}: they were computed for another model")
     head = head.to(features.device)
     full = accuracy(head(features), labels)
     decomposed = accuracy(DecomposedHead(head, influence)(features), labels)
@@ -69,6 +74,14 @@ def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Te
             "relative": decomposed / full if full else float("nan"),
             "multiply_adds_full": head.in_features * head.out_features,
             "multiply_adds_decomposed": influence.multiply_adds}
+
+
+def check_inputs(head: nn.Linear, features: torch.Tensor, labels, what: str) -> torch.Tensor:
+    """Finite (N, D) features with D the head's inputs, integer labels (N,) in [0, C): int64 labels."""
+    check_features(features, what)
+    if features.shape[1] != head.in_features:
+        raise ValueError(f"{what} have {features.shape[1]} columns but the head takes {head.in_features} features")
+    return check_labels(labels, features.shape[0], head.out_features, f"labels of the {what}")
 
 
 def feature_ranks(features: torch.Tensor, rank_by: str = "auto") -> torch.Tensor:
@@ -88,6 +101,11 @@ def grid_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test
 
     Equals running Algorithm 1 and `evaluate` for each pair separately (integer k, k').
     """
+    ks, k_primes = list(ks), list(k_primes)
+    train_labels = check_inputs(head, train_features, train_labels, "training features")
+    test_labels = check_inputs(head, test_features, test_labels, "test features")
+    if not ks or not k_primes:
+        raise ValueError("ks and k_primes must not be empty")
     n, d = train_features.shape
     ks, k_primes = [as_size(k, d, "k") for k in ks], [as_size(k, d, "k'") for k in k_primes]
     if not all(isinstance(v, int) for v in ks + k_primes):

@@ -5,8 +5,9 @@ in-memory splits; worker processes for streamed folders) in channels_last (1.2-2
 convolutions on the CPU too), with bf16 autocast on the GPU, shows a tqdm bar, and returns
 float32 (N, D) features in dataset order.
 
-- Cache: keyed by the model's weights, the split's fingerprint, the normalisation, the
-  precision and the memory format; a changed checkpoint never reuses a stale entry (see cache.py).
+- Cache: keyed by the model's weights and forward code (body, pool, head: `cache.code_identity`),
+  the split's fingerprint, the normalisation, the precision, the memory format and the torch /
+  torchvision versions; a changed checkpoint or pooling never reuses a stale entry (see cache.py).
 - Resumable: progress is saved every `checkpoint_every` images; an interrupted run resumes.
 - Many processes: under `torchrun` (torch.distributed initialised, e.g. by `init_distributed`),
   rank r extracts the r-th contiguous slice and the slices are gathered, so every rank gets
@@ -16,6 +17,7 @@ float32 (N, D) features in dataset order.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -30,6 +32,13 @@ from .decode import decode_folder_batches
 from .device import default_device, init_distributed, world  # noqa: F401 -- init_distributed: re-exported
 from .models import FeatureModel, fingerprint
 from .progress import tqdm
+
+
+@functools.cache
+def library_versions() -> dict:
+    """torch and torchvision: convolutions and image decoding (libjpeg, resizing) may change with them."""
+    import torchvision
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
 def batches(split: ImageSplit, batch_size: int, start: int = 0, stop: int | None = None, num_workers: int | None = None,
@@ -70,8 +79,9 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
     decoded and normalised once and fed to every model (a depth study's 13 models share it)."""
     device = torch.device(device) if device is not None else default_device()
     bf16 = (device.type == "cuda") if bf16 is None else bf16
-    keys = {name: {"model": fingerprint(m), "data": split.fingerprint, "mean": split.mean, "std": split.std,
-                   "precision": "bf16" if bf16 else "fp32", "memory_format": "channels_last", "n": len(split)}
+    keys = {name: {"model": fingerprint(m), "forward": cache.code_identity(m), "data": split.fingerprint,
+                   "mean": split.mean, "std": split.std, "precision": "bf16" if bf16 else "fp32",
+                   "memory_format": "channels_last", "n": len(split), "versions": library_versions()}
             for name, m in models.items()}
     result = {}
     for name, key in keys.items():
@@ -95,7 +105,7 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
         if use_cache and rank == 0:
             cache.save("features", keys[name], {"features": phi})
         for i in range(parts):  # the saved progress is no longer needed once the whole result is
-            cache.entry_path("features-part", {**part_keys[name], "part": i}).unlink(missing_ok=True)
+            cache.discard("features-part", {**part_keys[name], "part": i})
         result[name] = phi
     return {name: result[name] for name in models}
 

@@ -15,9 +15,11 @@ a fix-up of rows whose ties straddle the k-th value) or a sort, and one `bincoun
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import topk_gpu
@@ -115,13 +117,21 @@ def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     k = as_size(k, d, "k")
     on_cpu = features.device.type == "cpu"
     if isinstance(k, int) and features.dtype in KERNEL_DTYPES and (on_cpu or topk_gpu.available(features)):
-        kernel = class_histograms_cpu if on_cpu else topk_gpu.class_histograms_gpu
-        histograms, nonfinite, negative = kernel(features, labels, num_classes, k)
+        if on_cpu:
+            zero = np.zeros(n, np.bool_)
+            histograms, nonfinite, negative = class_histograms_cpu(features, labels, num_classes, k, zero=zero)
+            zero_rows = int(zero.sum())
+        else:
+            histograms, nonfinite, negative = topk_gpu.class_histograms_gpu(features, labels, num_classes, k)
+            zero_rows = int((features == 0).all(1).sum())
         if nonfinite.any():
             raise nonfinite_error(what, nonfinite.nonzero().flatten())
+        warn_zero_rows(zero_rows, n, what)
         rank_by = resolve_rank_by(features, rank_by, lowest=-1.0 if negative else 0.0)
         if not (rank_by == "value" and negative):  # the kernel ranks by magnitude
             return histograms, rank_by
+    else:
+        warn_zero_rows(int((features == 0).all(1).sum()), n, what)
     lowest, _ = check_features(features, what)
     rank_by = resolve_rank_by(features, rank_by, lowest)
     counts = torch.zeros(num_classes * d, dtype=torch.int64, device=features.device)
@@ -136,6 +146,27 @@ def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: 
             flat = y[rows] * d + cols
         counts += torch.bincount(flat, minlength=num_classes * d)
     return counts.view(num_classes, d), rank_by
+
+
+def warn_zero_rows(zero_rows: int, n: int, what: str) -> None:
+    """All-zero rows have no top k: ties go to the lower index, so they vote for features 0..k-1."""
+    if zero_rows:
+        warnings.warn(f"{what}: {zero_rows} of {n} rows are all zero; their top k is the first k indices "
+                      "(ties go to the lower index), so the index sets partly reflect feature order, not the "
+                      "data. Check the model and the input (a dead layer, a wrong normalisation)", stacklevel=4)
+
+
+def check_labels(labels, n: int, num_classes: int | None, what: str = "labels") -> torch.Tensor:
+    """Integer class indices (N,) in [0, num_classes), as int64; anything else is refused."""
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{what} must be integer class indices, got {labels.dtype} (a float label would be "
+                        "truncated): pass e.g. labels.long() after checking they are whole numbers")
+    if labels.shape != (n,):
+        raise ValueError(f"{what} have shape {tuple(labels.shape)} but there are {n} feature rows")
+    if num_classes is not None and n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{what} must lie in [0, {num_classes}); found {int(labels.min())}..{int(labels.max())}")
+    return labels.long()
 
 
 def select_indices(histograms: torch.Tensor, k_prime: Size) -> list[list[int]]:
@@ -156,12 +187,9 @@ def influential_features(features: torch.Tensor, labels: torch.Tensor, k: Size =
     """Algorithm 1 on training features (N, D) with labels (N,)."""
     check_shape(features, "training features")
     check_rank_by(rank_by)
-    labels = torch.as_tensor(labels).long()
-    if labels.shape != (features.shape[0],):
-        raise ValueError(f"labels have shape {tuple(labels.shape)} but there are {features.shape[0]} feature rows")
+    labels = check_labels(labels, features.shape[0], None)
     num_classes = num_classes or int(labels.max()) + 1
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}); found {int(labels.min())}..{int(labels.max())}")
+    labels = check_labels(labels, features.shape[0], num_classes)
     present = torch.bincount(labels, minlength=num_classes)
     if (present == 0).any():
         missing = (present == 0).nonzero().flatten().tolist()

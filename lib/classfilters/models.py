@@ -15,6 +15,7 @@ legacy CIFAR-10 checkpoints of Idelbayev's pytorch_resnet_cifar10 exactly.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -92,23 +93,14 @@ CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 TORCHVISION_RESNET_DEPTHS = (18, 34, 50, 101, 152)  # "resnet50" is torchvision's; "cifar_resnet50" the CIFAR one
 
 
-def load_cifar_resnet(path: str | Path, depth: int | None = None, num_classes: int = 10) -> CifarResNet:
-    """Load a pytorch_resnet_cifar10 checkpoint (legacy pickle, `module.` prefix, CUDA tensors).
+def load_cifar_resnet(path: str | Path, depth: int | None = None, num_classes: int = 10,
+                      trust_checkpoint: bool = False) -> CifarResNet:
+    """Load a pytorch_resnet_cifar10 checkpoint (`module.` prefix, CUDA tensors, a `best_prec1`).
 
-    The depth is read from the checkpoint when not given. Only load files you trust: the
-    format is a pickle (`weights_only=False`).
+    The depth is read from the checkpoint when not given. The file is read with
+    `read_checkpoint`: tensors only, unless `trust_checkpoint=True`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass the path of a .th file, e.g. ../shared/data/weights/resnet20-12fca82f.th")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); is it a complete torch.save file?") from e
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")  # noqa: TRY004 (bad file, not bad argument)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state_dict(path, trust_checkpoint)
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
     found_depth = 6 * len(blocks) + 2 if blocks else None
     if depth is None:
@@ -300,12 +292,13 @@ def weights_input_size(weights) -> tuple[int, int, str]:
 
 
 def build_model(name: str, checkpoint: str | Path | None = None, num_classes: int | None = None,
-                in_channels: int = 3, pretrained: bool | str = False) -> FeatureModel:
+                in_channels: int = 3, pretrained: bool | str = False, trust_checkpoint: bool = False) -> FeatureModel:
     """Make a model by name and wrap it.
 
     name: "resnet8".."resnet110" (CIFAR, 6n+2; "cifar_resnetN" where N clashes with torchvision), a torchvision name from TORCHVISION_MODELS
     (or any torchvision classifier), or "timm:<name>".
-    checkpoint: a CIFAR .th file, or a state dict saved with torch.save / safetensors.
+    checkpoint: a CIFAR .th file, or a state dict saved with torch.save / safetensors; read without
+    running code from it (tensors only) unless `trust_checkpoint=True` (see `read_checkpoint`).
     pretrained: torchvision / timm ImageNet weights (needs internet the first time): True for the
     default ones, or the name of a torchvision weights entry ("IMAGENET1K_V1"). The model's
     `input_size` is then the (resize, crop, interpolation) those weights were evaluated with.
@@ -316,11 +309,11 @@ def build_model(name: str, checkpoint: str | Path | None = None, num_classes: in
     if m and (m.group(1) or int(m.group(2)) not in TORCHVISION_RESNET_DEPTHS):
         depth = int(m.group(2))
         if checkpoint is not None and str(checkpoint).endswith(".th"):
-            model = load_cifar_resnet(checkpoint, depth)
+            model = load_cifar_resnet(checkpoint, depth, trust_checkpoint=trust_checkpoint)
         else:
             model = CifarResNet(depth, num_classes or 10, in_channels)
             if checkpoint is not None:
-                load_state_dict_checked(model, read_state_dict(checkpoint), str(checkpoint))
+                load_state_dict_checked(model, read_state_dict(checkpoint, trust_checkpoint), str(checkpoint))
         return as_feature_model(model, name)
     if name.startswith("timm:"):
         import timm
@@ -334,22 +327,72 @@ def build_model(name: str, checkpoint: str | Path | None = None, num_classes: in
         kwargs = {} if weights is not None else {"num_classes": num_classes or 1000}
         model = tvm.get_model(name, weights=weights, **kwargs)
     if checkpoint is not None:
-        load_state_dict_checked(model, read_state_dict(checkpoint), str(checkpoint))
+        load_state_dict_checked(model, read_state_dict(checkpoint, trust_checkpoint), str(checkpoint))
     wrapped = as_feature_model(model, name)
     if not name.startswith("timm:") and pretrained:
         wrapped.input_size = weights_input_size(weights)
     return wrapped
 
 
-def read_state_dict(path: str | Path) -> dict:
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that holds more than tensors and plain containers: reading it would run its code."""
+
+
+def read_checkpoint(path: str | Path, trust_checkpoint: bool = False):
+    """The object saved in a checkpoint file, read without running any code from it.
+
+    `.safetensors` files are read by safetensors (tensors only, by design). Anything else is
+    read by `torch.load(weights_only=True)`, whose unpickler builds only tensors and plain
+    containers (dict, list, numbers, strings) and refuses every other object before making
+    it: a pickle can name any Python function to call, so a full unpickling would run
+    whatever code the file's author chose. Checkpoints that really need it (a whole pickled
+    model, custom classes) are refused unless `trust_checkpoint=True`.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise FileNotFoundError(f"checkpoint {path} not found; pass the path of a weights file, "
+                                "e.g. ../shared/data/weights/resnet20-12fca82f.th")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file ({e}); "
+                             "is it complete?") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e).lower() and "weights only" not in str(e).lower():
+            raise ValueError(f"checkpoint {path} could not be read ({e}); is it a complete torch.save file?") from e
+        if not trust_checkpoint:
+            named = re.search(r"GLOBAL ([\w.]+)", str(e))
+            operand = re.search(r"Unsupported operand \d+", str(e))
+            detail = (f"it names the callable {named.group(1)}" if named else
+                      f"{operand.group(0)}: not a torch.save file of tensors" if operand else "see the cause below")
+            raise UntrustedCheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors ({detail}); unpickling it would "
+                "run code named by the file. It was not loaded. If you trust its source, pass "
+                "trust_checkpoint=True (CLI: --trust-checkpoint), or better, re-save its state_dict "
+                "(torch.save(model.state_dict(), ...)) or as .safetensors.") from e
+    except Exception as e:  # truncated or foreign file
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
+                         "is it a complete torch.save file?") from e
+    try:  # trusted by the caller: a full unpickling
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
+                         "is it a complete torch.save file?") from e
+
+
+def read_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict:
+    """The state dict in a checkpoint (under "state_dict" or "model" when wrapped; `module.` prefix removed)."""
+    blob = read_checkpoint(path, trust_checkpoint)
     state = blob.get("state_dict", blob.get("model", blob)) if isinstance(blob, dict) else blob
+    if isinstance(state, nn.Module):  # a whole pickled model (trusted)
+        state = state.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

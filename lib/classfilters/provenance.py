@@ -125,17 +125,30 @@ def write(path: Path, record: dict) -> None:
         raise
 
 
+def cpu_info() -> dict:
+    """The CPU as /proc/cpuinfo names it: vendor, family, model, name (and whether it has AVX-512).
+    Family and model tell CPU generations apart (AMD Zen 4 is family 25, model 17 among others)."""
+    info = {"vendor": platform.machine(), "family": None, "model": None, "name": platform.processor() or platform.machine()}
+    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "model name": "name"}
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return info
+    for line in first.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in fields:
+            info[fields[key]] = int(value) if key in ("cpu family", "model") and value.isdigit() else value
+        if key == "flags":
+            info["avx512"] = "avx512f" in value.split()
+    return info
+
+
 def device_name() -> str:
     import torch
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {cpu} ({os.cpu_count()} cores)"
+    cpu = cpu_info()
+    return f"cpu: {cpu['name']} (family {cpu['family']}, model {cpu['model']}; {os.cpu_count()} cores)"
 
 
 def versions() -> dict:

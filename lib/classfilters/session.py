@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .data import ImageSplit, folder_transform, open_dataset
+from .data import ImageSplit, check_same_classes, folder_transform, open_dataset
 from .decomposed import accuracy
 from .features import extract_features_many
 from .influence import InfluentialFeatures, influential_features
@@ -108,7 +108,10 @@ class Study:
         p = self.profile
         if (which, size) not in self._splits:
             cap = p.max_train if which == "train" else p.max_test
-            self._splits[which, size] = limit(open_dataset(dataset_spec(p.dataset), which, size), cap, p.seed)
+            opened = open_dataset(dataset_spec(p.dataset), which, size)
+            if which != "train":  # a test split numbering other classes would be scored as them
+                check_same_classes({"train": self.split("train", size).classes, which: opened.classes})
+            self._splits[which, size] = limit(opened, cap, p.seed)
         return self._splits[which, size]
 
     def build(self, name: str) -> FeatureModel:
