@@ -184,6 +184,7 @@ def test_an_mlp_head_gives_the_last_hidden_layer_as_phi():
 
 def test_timm_preprocessing_comes_from_its_config():
     import timm
+
     from classfilters.models import timm_preprocessing
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     assert timm_preprocessing(model) == ((248, 224, "bicubic"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # crop_pct 0.9

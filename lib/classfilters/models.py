@@ -546,7 +546,7 @@ def model_family(name: str) -> str:
         architecture = timm.models.split_model_name_tag(name[5:])[0]
         if not timm.is_model(architecture):
             raise ValueError(f"unknown timm model '{name[5:]}': see timm.list_models()")
-        prefix = re.match(r"(?:tf_|tv_)?([a-z]+(?:v\d+)?)", architecture)
+        prefix = re.match(r"(?:tf_|tv_)?([a-z]+v\d+|[a-z]+)", architecture)
         return f"{prefix.group(1) if prefix else architecture} (timm)"
     if name not in tvm.list_models(module=tvm):
         raise ValueError(f"unknown model '{name}': use resnet<6n+2> (CIFAR), a torchvision classifier or timm:<name>")
