@@ -81,7 +81,7 @@ def check_split(wrapped: FeatureModel, model: nn.Module, linear: nn.Module, x: t
             maps = wrapped.forward_maps(x)
         assert maps.dim() == 4 and torch.allclose(maps.mean((2, 3)), phi, rtol=1e-5, atol=1e-6)
     else:
-        with pytest.raises(ValueError, match="spatial feature maps"):
+        with pytest.raises(ValueError, match="has no spatial feature maps"):
             wrapped.forward_maps(x)
     return phi
 
@@ -206,3 +206,18 @@ def test_torchvision_preprocessing_includes_mean_and_std():
 ])
 def test_model_family(name, family):
     assert model_family(name) == family
+
+
+def test_table7_maps_refuse_a_model_without_spatial_maps():
+    import timm
+
+    from classfilters import visualize
+    from classfilters.data import ImageSplit
+    from classfilters.influence import InfluentialFeatures
+    model = as_feature_model(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=2),
+                             example=torch.zeros(1, 3, 32, 32))
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    split = ImageSplit(torch.tensor([0, 1]), ["a", "b"], "tiny", "tiny", images=images)
+    influence = InfluentialFeatures([[0], [1]], torch.zeros(2, 192, dtype=torch.int64), 1, 1)
+    with pytest.raises(ValueError, match="Table 7's class maps: .* has no spatial feature maps .*timm CNNs"):
+        visualize.class_maps(model, split, images, split.labels, influence)

@@ -207,7 +207,7 @@ class FeatureModel(nn.Module):
 
     def forward_maps(self, x):
         """The feature maps (N, D, H, W) whose spatial means are phi(x); only for models that have them."""
-        self.require_spatial_maps("feature maps")
+        self.require_spatial_maps("forward_maps")
         maps = self.body(x)
         if maps.dim() != 4:
             raise ValueError(f"{self.name}'s body gives {maps.dim()}-d output {tuple(maps.shape)}, not feature maps "
@@ -215,11 +215,11 @@ class FeatureModel(nn.Module):
         return maps
 
     def require_spatial_maps(self, what: str) -> None:
-        """Refuse, naming `what` needs them, when phi is not the spatial mean of channel maps."""
+        """Refuse (naming `what`, which needs them) when phi is not the spatial mean of channel maps."""
         if not self.has_spatial_maps:
-            raise ValueError(f"{what} need(s) spatial feature maps whose mean over H, W is phi (N, D), but the "
-                             f"features of {self.name} are not such a mean (e.g. a class token, or pooling "
-                             f"followed by a norm or an MLP). Use a model that has them: {SPATIAL_MAPS_HINT}.")
+            raise ValueError(f"{what}: {self.name} has no spatial feature maps whose mean over H, W is phi (N, D) "
+                             "(its phi is e.g. a class token, or a pooled vector passed through a norm or an MLP). "
+                             f"Use a model that has them: {SPATIAL_MAPS_HINT}.")
 
     def forward_features(self, x):
         out = self.body(x)
