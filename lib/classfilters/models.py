@@ -160,8 +160,8 @@ def global_average_pool(maps: torch.Tensor) -> torch.Tensor:
     return maps.mean((2, 3))
 
 
-SPATIAL_MAPS_HINT = ("the CIFAR ResNets, torchvision ResNet / Wide ResNet / ResNeXt / DenseNet / EfficientNet(V2), "
-                     "timm CNNs whose head is a plain average pool, or your own FeatureModel(body=<module giving "
+SPATIAL_MAPS_HINT = ("the CIFAR ResNets, torchvision ResNet / Wide ResNet / ResNeXt / DenseNet / EfficientNet(V2) / "
+                     "RegNet / GoogLeNet / Inception, timm CNNs whose head is a plain average pool, or your own FeatureModel(body=<module giving "
                      "maps (N, D, H, W)>, head=...) with the default pool")
 
 
@@ -208,7 +208,7 @@ class FeatureModel(nn.Module):
     def forward_maps(self, x):
         """The feature maps (N, D, H, W) whose spatial means are phi(x); only for models that have them."""
         self.require_spatial_maps("forward_maps")
-        maps = self.body(x)
+        maps = self.body.forward_maps(x) if isinstance(self.body, SplitBody) else self.body(x)
         if maps.dim() != 4:
             raise ValueError(f"{self.name}'s body gives {maps.dim()}-d output {tuple(maps.shape)}, not feature maps "
                              "(N, D, H, W)")
@@ -346,9 +346,9 @@ def _timm_feature_model(model: nn.Module, name: str, example) -> FeatureModel:
 
 def _split_at_final_linear(model: nn.Module, name: str, example) -> FeatureModel:
     x = _example(model, example, 224)
-    calls = []  # every nn.Linear call of one forward pass, in order
-    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, out)))
-             for m in model.modules() if isinstance(m, nn.Linear)]
+    calls = []  # every nn.Linear and global average pool call of one forward pass, in order
+    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args[0], out)))
+             for m in model.modules() if isinstance(m, nn.Linear) or _is_global_average_pool(m)]
     try:
         with _probing(model, x, name):
             logits = model(x)
@@ -356,20 +356,53 @@ def _split_at_final_linear(model: nn.Module, name: str, example) -> FeatureModel
         for h in hooks:
             h.remove()
     what = type(model).__name__
-    if not calls:
+    linears = [call for call in calls if isinstance(call[0], nn.Linear)]
+    if not linears:
         layers = [(p, m) for p, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
         last = f"'{layers[-1][0]}' = {layers[-1][1]}" if layers else "no layer with weights"
         raise ValueError(f"{what} has no nn.Linear (its last layer with weights is {last}); the method needs "
                          f"logits = Linear(phi): {WRAP_BY_HAND}")
-    linear, out = calls[-1]
+    linear, phi, out = linears[-1]
     path = next(p for p, m in model.named_modules() if m is linear)
     if not isinstance(logits, torch.Tensor) or out.shape != logits.shape or not torch.equal(out, logits):
         found = f"a {type(logits).__name__}" if not isinstance(logits, torch.Tensor) else f"shape {tuple(logits.shape)}"
         raise ValueError(f"{what}'s logits ({found}) are not the output of its last nn.Linear '{path}' (shape "
                          f"{tuple(out.shape)}): something follows it; {WRAP_BY_HAND}")
-    wrapped = FeatureModel(without_module(model, path) if path else nn.Identity(), linear, name=name, spatial_maps=False)
+    pools = [(module, maps) for module, maps, _ in calls if not isinstance(module, nn.Linear)]
+    maps_at = None  # the global average pool whose input phi is the spatial mean of, if any
+    if pools and pools[-1][1].dim() == 4 and pools[-1][1].shape[:2] == phi.shape and torch.allclose(
+            global_average_pool(pools[-1][1].float()), phi.float(), rtol=1e-4, atol=1e-5):
+        maps_at = next(p for p, m in model.named_modules() if m is pools[-1][0])
+    body = SplitBody(without_module(model, path), maps_at) if path else nn.Identity()
+    wrapped = FeatureModel(body, linear, name=name, spatial_maps=maps_at is not None)
     _check_split(wrapped, x, logits)
     return wrapped
+
+
+def _is_global_average_pool(module: nn.Module) -> bool:
+    return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+
+
+class SplitBody(nn.Module):
+    """A classifier whose final nn.Linear is `nn.Identity`: `forward` gives phi (N, D). When phi is
+    the output of a global average pool (`maps_at`, e.g. "avgpool"), `forward_maps` gives its input."""
+
+    def __init__(self, model: nn.Module, maps_at: str | None = None):
+        super().__init__()
+        self.model = model
+        self.maps_at = maps_at
+
+    def forward(self, x):
+        return self.model(x)
+
+    def forward_maps(self, x):
+        seen = []
+        hook = self.model.get_submodule(self.maps_at).register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        try:
+            self.model(x)
+        finally:
+            hook.remove()
+        return seen[-1]
 
 
 def _example(model: nn.Module, example: torch.Tensor | None, size: int | tuple[int, int]) -> torch.Tensor:
