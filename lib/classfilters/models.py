@@ -532,6 +532,9 @@ def build_model(name: str, checkpoint: str | Path | None = None, num_classes: in
         import timm
         if not timm.is_model(timm.models.split_model_name_tag(name[5:])[0]):
             raise ValueError(f"unknown timm model '{name[5:]}': see timm.list_models()")
+        if isinstance(pretrained, str):
+            raise ValueError(f"timm chooses weights by the name's tag (timm:{name[5:].split('.')[0]}.<tag>, e.g. "
+                             f"timm:resnet50.a1_in1k) with pretrained=True, not pretrained={pretrained!r}")
         model = timm.create_model(name[5:], pretrained=pretrained, num_classes=num_classes or 1000,
                                   in_chans=in_channels)
     else:
