@@ -21,7 +21,7 @@ TORCHVISION = {
     "efficientnet_v2": ("efficientnet_v2_s", "classifier.1", 33, 2, True),
     "googlenet": ("googlenet", "fc", 32, 2, True),
     "inception_v3": ("inception_v3", "fc", 75, 2, True),
-    "maxvit": ("maxvit_t", "classifier.5", 224, 1, False),
+    "maxvit": ("maxvit_t", "classifier.5", 64, 2, False),
     "mnasnet": ("mnasnet0_5", "classifier.1", 32, 2, False),
     "mobilenet_v2": ("mobilenet_v2", "classifier.1", 32, 2, False),
     "mobilenet_v3": ("mobilenet_v3_small", "classifier.3", 32, 2, False),
@@ -29,13 +29,16 @@ TORCHVISION = {
     "resnet": ("resnet18", "fc", 32, 2, True),
     "resnext": ("resnext50_32x4d", "fc", 32, 2, True),
     "shufflenet_v2": ("shufflenet_v2_x0_5", "fc", 32, 2, False),
-    "swin": ("swin_t", "head", 32, 2, False),
-    "swin_v2": ("swin_v2_t", "head", 32, 2, False),
+    "swin": ("swin_t", "head", 32, 2, True),         # LayerNorm'd maps, then an average pool
+    "swin_v2": ("swin_v2_t", "head", 32, 2, True),
     "vgg": ("vgg11", "classifier.6", 32, 2, False),
     "vit": ("vit_b_16", "heads.head", 32, 2, False),
     "wide_resnet": ("wide_resnet50_2", "fc", 32, 2, True),
 }
 EXTRA = {"vit": {"image_size": 32}}  # the same architecture, on 2x2 patches of 16
+# maxvit_t's blocks with windows of 2 instead of 7: it then takes 64x64 images instead of 224x224
+MAXVIT_T = {"stem_channels": 64, "block_channels": [64, 128, 256, 512], "block_layers": [2, 2, 5, 2], "head_dim": 32,
+            "stochastic_depth_prob": 0.2, "partition_size": 2, "input_size": (64, 64)}
 
 # timm name -> (extra arguments for a small input, input side, has spatial maps)
 TIMM = {
@@ -92,7 +95,8 @@ def test_every_torchvision_family(family):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # googlenet / inception: "the default weight initialisation will change"
-        model = tvm.get_model(name, weights=None, num_classes=10, **EXTRA.get(family, {})).eval()
+        model = (tvm.MaxVit(num_classes=10, **MAXVIT_T) if family == "maxvit"
+                 else tvm.get_model(name, weights=None, num_classes=10, **EXTRA.get(family, {}))).eval()
     x = torch.randn(batch, 3, side, side)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     wrapped = as_feature_model(model, name, example=x)

@@ -160,9 +160,9 @@ def global_average_pool(maps: torch.Tensor) -> torch.Tensor:
     return maps.mean((2, 3))
 
 
-SPATIAL_MAPS_HINT = ("the CIFAR ResNets, torchvision ResNet / Wide ResNet / ResNeXt / DenseNet / EfficientNet(V2) / "
-                     "RegNet / GoogLeNet / Inception, timm CNNs whose head is a plain average pool, or your own FeatureModel(body=<module giving "
-                     "maps (N, D, H, W)>, head=...) with the default pool")
+SPATIAL_MAPS_HINT = ("the CIFAR ResNets; torchvision ResNet / Wide ResNet / ResNeXt / DenseNet / EfficientNet(V2) / "
+                     "RegNet / GoogLeNet / Inception / Swin; timm CNNs whose head is a plain average pool; or your "
+                     "own FeatureModel(body=<module giving maps (N, D, H, W)>, head=...) with the default pool")
 
 
 class FeatureModel(nn.Module):
@@ -419,7 +419,8 @@ def _example(model: nn.Module, example: torch.Tensor | None, size: int | tuple[i
     return x.to(weight.device, weight.dtype)
 
 
-def _check_split(wrapped: FeatureModel, x: torch.Tensor, expected: torch.Tensor, phi: torch.Tensor | None = None) -> None:
+def _check_split(wrapped: FeatureModel, x: torch.Tensor, expected: torch.Tensor,
+                 phi: torch.Tensor | None = None) -> None:
     """Refuse a split whose phi is not (N, D) or whose head(phi) is not the model's logits `expected` on `x`."""
     if phi is None:
         with _probing(wrapped, x, wrapped.name):
@@ -433,8 +434,8 @@ def _check_split(wrapped: FeatureModel, x: torch.Tensor, expected: torch.Tensor,
     scale = expected.abs().max().clamp(min=1).item()
     if expected.shape != got.shape or not torch.allclose(got, expected, rtol=tolerance, atol=tolerance * scale):
         difference = (got - expected).abs().max().item() if expected.shape == got.shape else "shape"
-        raise ValueError(f"{wrapped.name}: head(phi) differs from the model's logits (largest difference {difference}); "
-                         f"{WRAP_BY_HAND}")
+        raise ValueError(f"{wrapped.name}: head(phi) differs from the model's logits (largest difference "
+                         f"{difference}); {WRAP_BY_HAND}")
 
 
 @contextlib.contextmanager
