@@ -1,16 +1,20 @@
 """Models as (body, pool, linear head): the one view of a classifier the method needs.
 
-`FeatureModel` wraps any classifier whose head is global pooling followed by one
-`nn.Linear`: `forward_maps(x)` gives the last feature maps (N, D, H, W),
-`forward_features(x)` the pooled penultimate features phi(x) (N, D), `forward(x)` the
-logits `head(phi(x))`. `as_feature_model` builds it for the CIFAR ResNets below, every
-torchvision family of the paper and timm models; anything else is wrapped by hand:
+phi(x) (N, D) is the input of the classifier's final `nn.Linear`, whatever precedes it
+(pooling, a LayerNorm, an MLP, a class token). `FeatureModel` holds the split:
+`forward_features(x)` gives phi(x), `forward(x)` the logits `head(phi(x))`, and, when
+`has_spatial_maps` (phi is the mean over H, W of maps (N, D, H, W): the paper's CNNs),
+`forward_maps(x)` those maps. `as_feature_model` splits the CIFAR ResNets below and the
+paper's torchvision families before their pooling, timm models with timm's
+`forward_head(pre_logits=True)`, and any other classifier at its final `nn.Linear`, each
+checked on a probe image (head(phi) must equal the logits); anything else is wrapped by hand:
 
     FeatureModel(body=my_backbone, head=my_linear)           # pool defaults to the mean over H, W
 
-`build_model(name, ...)` makes a model by name ("resnet20", "resnet50", "densenet121",
-"efficientnet_b0", "timm:resnet10t", ...) and `load_cifar_resnet(path)` reads the
-legacy CIFAR-10 checkpoints of Idelbayev's pytorch_resnet_cifar10 exactly.
+`build_model(name, ...)` makes a model by name ("resnet20", "resnet50", "convnext_tiny",
+"timm:vit_tiny_patch16_224", ...), `model_family(name)` names its family, and
+`load_cifar_resnet(path)` reads the legacy CIFAR-10 checkpoints of Idelbayev's
+pytorch_resnet_cifar10 exactly.
 """
 from __future__ import annotations
 
@@ -333,7 +337,7 @@ def _timm_feature_model(model: nn.Module, name: str, example) -> FeatureModel:
     path = next(p for p, m in model.named_modules() if m is classifier)
     body = TimmBody(without_module(model, path))  # the classifier is registered once: as the head
     from timm.data import resolve_model_data_config
-    x = _example(model, example, resolve_model_data_config(model)["input_size"][1:] if example is None else 0)
+    x = _example(model, example, resolve_model_data_config(model)["input_size"][1:])
     with _probing(model, x, name):
         maps, expected = body(x), model(x)
         phi = body.pre_logits(maps)
