@@ -53,12 +53,15 @@ def test_cifar_resnets(depth):
 
 
 def test_timm_model():
-    model = build_model("timm:resnet10t", num_classes=7).eval()
+    import timm
+    torch.manual_seed(0)
+    original = timm.create_model("resnet10t", num_classes=7).eval()
+    model = as_feature_model(original)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert model.forward_features(x).shape == (2, 512)
-        inner = model.body.model
-        assert torch.allclose(model(x), inner(x), atol=1e-5)
+        assert torch.allclose(model(x), original(x), atol=1e-5)
+    assert isinstance(model.body.model.fc, nn.Identity) and original.fc is model.head  # the original keeps its head
 
 
 def test_user_model_through_the_adapter():
@@ -70,13 +73,10 @@ def test_user_model_through_the_adapter():
     assert not body.training  # eval() reaches the body
 
 
-def test_models_without_a_pooled_linear_head_are_refused():
-    import torchvision.models as tvm
-    with pytest.raises(ValueError, match="no pooled single-linear head"):
-        as_feature_model(tvm.vgg11(weights=None))
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
-    with pytest.raises(ValueError, match="FeatureModel"):
-        as_feature_model(mlp)
+def test_models_without_a_final_linear_head_are_refused():
+    conv_head = nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match=r"no nn\.Linear \(its last layer with weights is '0' = Conv2d.*FeatureModel"):
+        as_feature_model(conv_head)
     with pytest.raises(TypeError, match="nn.Module"):
         FeatureModel(lambda x: x, nn.Linear(3, 2))
     with pytest.raises(ValueError, match="6n\\+2"):

@@ -1,6 +1,7 @@
 """Table 7: where a class's influential features look, as maps upsampled over the image.
 
-For each chosen image of true class y, from `FeatureModel.forward_maps` (N, D, h, w):
+For each chosen image of true class y, from `FeatureModel.forward_maps` (N, D, h, w) (models whose
+phi is the spatial mean of these maps: `FeatureModel.has_spatial_maps`; others are refused):
   standard         the mean of all D channel maps (what the whole layer sees),
   non-influential  the mean over |I_y| channels drawn outside I_y (the ablation's sets),
   influential      the mean over the channels of I_y,
@@ -41,10 +42,9 @@ def fetch_images(split: ImageSplit, index: torch.Tensor) -> torch.Tensor:
 def class_maps(model: FeatureModel, split: ImageSplit, images: torch.Tensor, labels: torch.Tensor,
                influence: InfluentialFeatures, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(maps, raw): maps float (N, 3, H, W) in [0, 1] in MAP_NAMES order; raw (N, 3) their mean activations."""
+    model.require_spatial_maps("Table 7's class maps")
     model.eval().cpu()
     maps = model.forward_maps(split.normalize(images)).float()
-    if maps.dim() != 4:
-        raise ValueError(f"{model.name}'s body gives {maps.dim()}-d output, not feature maps (N, D, H, W)")
     labels = labels.long()
     chosen = [torch.ones_like(influence.mask[labels]), non_influential_mask(influence, seed)[labels],
               influence.mask[labels]]
