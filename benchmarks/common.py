@@ -31,9 +31,11 @@ def best_of(fn, repeat: int = 3, sync=None) -> float:
 
 
 def machine() -> dict:
-    """Where a result was measured: the CPU (vendor, family, model, name), cores, threads, GPU, versions, commit."""
+    """Where a result was measured: the CPU (vendor, family, model, name), cores, load, threads, GPU, versions,
+    commit."""
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": cpu_info(), "cores": os.cpu_count()}
+            "cpu": cpu_info(), "cores": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}  # runnable processes: > cores means a busy machine
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:

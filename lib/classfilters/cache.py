@@ -34,7 +34,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 CACHE_FORMAT = 2  # bump when what is cached changes meaning (2: a checksum in every entry)
 STALE_SECONDS = 3600  # a temporary untouched this long has no live writer (writes touch it continuously)
-_SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own temporary (Rust tempfile)
+_AGED_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$|^\.probe-\w+$")  # safetensors' (Rust tempfile); our probes
 _OUR_TEMP = re.compile(r"^\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
@@ -126,7 +126,7 @@ def remove_stale_temporaries(folder: Path, now: float | None = None) -> list[Pat
     host = _host()
     for name in names:
         ours = _OUR_TEMP.match(name)
-        if not ours and not _SAFETENSORS_TEMP.match(name):
+        if not ours and not _AGED_TEMP.match(name):
             continue
         path = folder / name
         try:
