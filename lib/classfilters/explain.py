@@ -11,7 +11,8 @@ Methods (all return float (N, C, H, W) relevance over the input; `heatmap` sums 
       zennit attributors on the output 1 at class c. Linear in the explained function, so the
       influential and non-influential attributions add up to the full one.
   lrp_epsilon, lrp_epsilon_plus, lrp_epsilon_gamma_box, lrp_alpha2_beta1, lrp_gamma (one gamma per layer
-      group: the body's convolutions in forward order split in thirds low / mid / high, and the classifier):
+      group: the body's convolutions in forward order split in thirds low / mid / high, and the classifier;
+      epsilon is the rule's stabiliser, R_i = x_i (w_i + gamma w_i^+) / (eps + sum_j x_j (w_j + gamma w_j^+)) R):
       zennit composites, started from relevance z at class c (so input relevance sums to about z).
   channel_maps: Table 7's CAM-style map: the mean of the started feature set's last feature maps,
       bilinearly upsampled to the input (N, 1, H, W).
@@ -110,7 +111,7 @@ def make_composite(method: str, model: nn.Module, images: torch.Tensor, epsilon:
     if method == "lrp_gamma":
         values = {g: gamma for g in LAYER_GROUPS} | dict(gammas or {})
         groups = layer_groups(model)
-        name_map = [(tuple(groups[g]), Gamma(gamma=values[g])) for g in LAYER_GROUPS if groups[g]]
+        name_map = [(tuple(groups[g]), Gamma(gamma=values[g], stabilizer=epsilon)) for g in LAYER_GROUPS if groups[g]]
         return NameLayerMapComposite(name_map=name_map, layer_map=layer_map_base())
     raise ValueError(f"{method!r} is not an LRP method: choose one of {', '.join(LRP_METHODS)}")
 
