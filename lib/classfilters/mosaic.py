@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from .data import ImageSplit, channel_stats
-from .explain import explain, heatmap
+from .explanations import explain, heatmap
 from .visualize import fetch_images
 
 TILES = 4

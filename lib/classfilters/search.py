@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .evaluate_explanations import HIGHER_IS_BETTER, METRICS, evaluate_explanations
-from .explain import LAYER_GROUPS, explain, heatmap, heatmap_figure
+from .explanation_metrics import HIGHER_IS_BETTER, METRICS, evaluate_explanations
+from .explanations import LAYER_GROUPS, explain, heatmap, heatmap_figure
 from .influence import influential_features
 from .models import as_feature_model
 from .mosaic import GridMosaics

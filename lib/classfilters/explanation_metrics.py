@@ -35,7 +35,7 @@ if not hasattr(np, "trapz"):  # quantus 0.6.0 needs it; numpy >= 2.4 only has tr
 
 import quantus
 
-from .explain import check_inputs, explain, heatmap, started_model
+from .explanations import check_inputs, explain, heatmap, started_model
 from .models import as_feature_model
 from .mosaic import GridMosaics, grid_pointing_score
 

@@ -190,8 +190,11 @@ class FoldBatchNormIntoNext(Canonizer):
         self.saved = None
 
     def apply(self, root_module):
+        triples = self.triples(root_module)
+        for bn, _, _ in triples:  # all checked before anything changes
+            check_scales(bn)
         instances = []
-        for bn, (owner, relu_name), nxt in self.triples(root_module):
+        for bn, (owner, relu_name), nxt in triples:
             instance = FoldBatchNormIntoNext(self.triples)
             instance.register(bn, owner, relu_name, nxt)
             instances.append(instance)
@@ -199,10 +202,7 @@ class FoldBatchNormIntoNext(Canonizer):
 
     def register(self, bn, owner, relu_name, nxt):
         with torch.no_grad():
-            s = bn.weight / (bn.running_var + bn.eps).sqrt()
-            if bool((s == 0).any()):
-                raise CanonizationError(f"a BatchNorm before a ReLU has {int((s == 0).sum())} channels with weight 0: "
-                                        "their output is a constant the next layer cannot absorb exactly")
+            s = check_scales(bn)
             t = bn.bias - bn.running_mean * s
             relu = ThreshReLU(-t / s, torch.sign(s))
         self.saved = (bn, {k: getattr(bn, k).data for k in ("weight", "bias", "running_mean", "running_var")},
@@ -224,6 +224,16 @@ class FoldBatchNormIntoNext(Canonizer):
             getattr(bn, k).data = v
         bn.eps = eps
         nxt.weight.data = weight
+
+
+def check_scales(bn: nn.Module) -> torch.Tensor:
+    """The BatchNorm's scales s = gamma / sqrt(var + eps); CanonizationError when one is 0 (a constant channel)."""
+    with torch.no_grad():
+        s = bn.weight / (bn.running_var + bn.eps).sqrt()
+    if bool((s == 0).any()):
+        raise CanonizationError(f"a BatchNorm before a ReLU has {int((s == 0).sum())} channels with weight 0: their "
+                                "output is a constant the next layer cannot absorb exactly")
+    return s
 
 
 class SignalOnlyGate(torch.autograd.Function):
@@ -263,9 +273,9 @@ def densenet_body_forward(self, x):
     return self.canonizer_relu(self.features(x))
 
 
-def _sum_blocks(cls, forward):
+def _sum_blocks(cls, forward, when=lambda module: True):
     def attributes(name, module):
-        if isinstance(module, cls):
+        if isinstance(module, cls) and when(module):
             return {"forward": forward.__get__(module), "canonizer_sum": Sum()}
         return None
     return SwapAttributes(attributes)
@@ -308,6 +318,7 @@ class DenseNetFinal(Canonizer):
         if not (isinstance(root_module, FeatureModel) and isinstance(root_module.body, _DenseNetBody)):
             return []
         body = root_module.body
+        check_scales(body.features.norm5)
         body.forward = densenet_body_forward.__get__(body)
         body.canonizer_relu = nn.ReLU()
         self.inner = FoldBatchNormIntoNext(lambda root: [(body.features.norm5, (body, "canonizer_relu"), root.head)])
@@ -373,7 +384,7 @@ def canonizer_for(model: nn.Module) -> CompositeCanonizer:
     elif family == "densenet":
         parts += [FoldBatchNorm(_densenet_pairs), FoldBatchNormIntoNext(_densenet_triples), DenseNetFinal()]
     elif family == "efficientnet":
-        parts += [FoldBatchNorm(), _sum_blocks(tvm.efficientnet.MBConv, mbconv_forward),
+        parts += [FoldBatchNorm(), _sum_blocks(tvm.efficientnet.MBConv, mbconv_forward, lambda m: m.use_res_connect),
                   SwapAttributes(lambda n, m: {"forward": se_forward.__get__(m)}
                                  if isinstance(m, SqueezeExcitation) else None)]
     else:
@@ -431,14 +442,16 @@ def canonize(model: nn.Module, probe: torch.Tensor | None = None, rtol: float = 
     model = as_feature_model(model)
     canonizer = canonizer_for(model)          # raises for unsupported families, before any work
     family = model_family(model)
-    if model.training:
+    if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))):
         raise CanonizationError("the model is in training mode (BatchNorm uses batch statistics, so folding is not "
                                 "exact): call model.eval() first")
     probe = default_probe(model) if probe is None else probe
+    instances = []
     with torch.no_grad():
         before = model(probe)
-        instances = canonizer.apply(model)
         try:
+            for part in canonizer.canonizers:   # one by one: a part that refuses leaves the earlier ones removable
+                instances += part.apply(model)
             after = model(probe)
             scale = max(1.0, before.abs().max().item())
             error = (after - before).abs().max().item()

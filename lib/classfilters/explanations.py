@@ -16,7 +16,7 @@ Methods (all return float (N, C, H, W) relevance over the input; `heatmap` sums 
       zennit composites, started from relevance z at class c (so input relevance sums to about z).
   channel_maps: Table 7's CAM-style map: the mean of the started feature set's last feature maps,
       bilinearly upsampled to the input (N, 1, H, W).
-canonize=True explains the canonized model (canonize.py: checked equal, restored afterwards).
+canonize=True explains the canonized model (canonization.py: checked equal, restored afterwards).
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ from zennit.composites import (
 from zennit.rules import Epsilon, Gamma
 from zennit.types import Convolution
 
-from .canonize import NoInplace, canonizer_for
-from .canonize import canonize as canonize_model
+from .canonization import NoInplace, canonizer_for
+from .canonization import canonize as canonize_model
 from .influence import InfluentialFeatures
 from .models import FeatureModel, as_feature_model
 
