@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torchvision.models as tvm
 from torch import nn
 
 from classfilters import (
@@ -78,6 +79,36 @@ def test_lrp_epsilon_conserves_relevance_on_the_canonized_model_only():
     assert ((raw - z).abs() > 0.5 * z.abs()).any()          # residual adds copy relevance into both branches
     after = model(x)[:, 3]
     assert torch.equal(after.detach(), z)                                    # explaining left the model as it was
+
+
+def test_lrp_epsilon_conservation_on_a_canonized_torchvision_resnet():
+    torch.manual_seed(0)
+    model = as_feature_model(tvm.resnet18(num_classes=10).eval())     # fresh BatchNorms: no shift; fc bias zeroed
+    with torch.no_grad():
+        model.head.bias.zero_()
+    x = torch.randn(2, 3, 32, 32)
+    z = model(x)[:, 1].detach()
+    canon = explain(model, x, 1, "lrp_epsilon", canonize=True, epsilon=1e-9).sum((1, 2, 3))
+    torch.testing.assert_close(canon, z, rtol=1e-3, atol=1e-5)
+    raw = explain(model, x, 1, "lrp_epsilon", canonize=False, epsilon=1e-9).sum((1, 2, 3))
+    assert ((raw - z).abs() > 10 * z.abs()).all()
+
+
+@pytest.mark.parametrize("make", [tvm.densenet121, tvm.efficientnet_b0])
+def test_lrp_on_canonized_densenet_and_efficientnet(make):
+    torch.manual_seed(0)
+    model = make(num_classes=10).eval()
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.normal_(0, 0.3)
+                bn.bias.normal_(0, 0.3)
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    for method in ("lrp_epsilon_plus", "lrp_gamma"):
+        r = explain(model, x, 3, method, canonize=True)
+        assert r.shape == x.shape and torch.isfinite(r).all() and r.abs().sum() > 0
+    assert torch.equal(model(x), before)
 
 
 @pytest.mark.parametrize("method", ["lrp_epsilon_plus", "lrp_epsilon_gamma_box", "lrp_alpha2_beta1", "lrp_gamma",
@@ -203,6 +234,10 @@ def test_quantus_localisation_matches_a_hand_computation(digits_model):
     np.testing.assert_allclose(frame.relevance_mass, mass.numpy(), rtol=1e-4)
     np.testing.assert_allclose(frame.grid_pointing, grid_pointing_score(r, t).numpy(), rtol=1e-5)
     assert frame.sparseness.between(0, 1).all() and np.isfinite(frame.pixel_flipping_aopc).all()
+    randomised = evaluate_explanations(digits_model, x[:4], c[:4], "lrp_epsilon_plus",
+                                       metrics=("model_randomisation", "random_logit", "avg_sensitivity"))
+    assert randomised.model_randomisation.between(-1, 1).all() and randomised.random_logit.between(-1, 1).all()
+    assert (randomised.avg_sensitivity >= 0).all()
     with pytest.raises(ValueError, match="unknown metrics"):
         evaluate_explanations(digits_model, x, c, metrics=("beauty",))
 
