@@ -266,3 +266,14 @@ def test_search_returns_scored_configurations_and_the_best(digits_model):
         search_explanations(digits_model, mosaics, {"alpha": (1,)})
     with pytest.raises(ValueError, match="train_features"):
         search_explanations(digits_model, mosaics, {"k": (3,)})
+
+
+@pytest.mark.slow
+def test_cifar10_mosaics_and_the_shared_resnet20(shared_data):
+    from classfilters import build_model
+    model = build_model("resnet20", shared_data / "weights" / "resnet20-12fca82f.th")
+    test = open_dataset(f"cifar10:{shared_data / 'cifar10-jpeg.tar.gz'}", "test")
+    mosaics = grid_mosaics(test, 4, seed=0)
+    assert mosaics.images.shape == (4, 3, 64, 64)                    # JPEG CIFAR-10 test images -> 64x64 mosaics
+    scores = grid_pointing_game(model, mosaics, "lrp_epsilon_plus")   # global pooling accepts 64x64
+    assert scores.grid_pointing.mean() > 0.4                          # chance 0.25; 0.68 on 8 mosaics here

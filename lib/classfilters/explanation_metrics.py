@@ -63,9 +63,11 @@ def aopc(start_values: np.ndarray, curves: np.ndarray) -> np.ndarray:
 def quantus_explainer(method: str, canonize: bool, **explain_kwargs):
     """An `explain_func` for Quantus: (model, inputs, targets) numpy -> (N, 1, H, W) numpy relevance."""
     def explain_func(model, inputs, targets, **_):
-        x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
-        t = torch.as_tensor(np.asarray(targets)).long().reshape(-1)
-        return heatmap(explain(model, x, t, method, "full", canonize=canonize, **explain_kwargs))[:, None].numpy()
+        device = next(model.parameters()).device
+        x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32, device=device)
+        t = torch.as_tensor(np.asarray(targets), device=device).long().reshape(-1)
+        r = explain(model, x, t, method, "full", canonize=canonize, **explain_kwargs)
+        return heatmap(r)[:, None].cpu().numpy()
     return explain_func
 
 
@@ -86,18 +88,19 @@ def evaluate_explanations(model, images: torch.Tensor, targets, method: str = "l
         raise ValueError(f"masks must be (N, 1, H, W) = {(len(images), 1, *images.shape[-2:])}, got {tuple(masks.shape)}")
     explained = started_model(model, influence, start).eval()
     relevance = explain(explained, images, targets, method, "full", canonize=canonize, **explain_kwargs)
-    a = heatmap(relevance)[:, None].numpy()
-    x, y = images.detach().numpy(), targets.numpy()
-    s = masks.numpy().astype(float) if masks is not None else None
+    a = heatmap(relevance)[:, None].cpu().numpy()
+    x, y = images.detach().cpu().numpy(), targets.cpu().numpy()
+    s = masks.cpu().numpy().astype(float) if masks is not None else None
     h, w = images.shape[-2:]
     explain_func = quantus_explainer(method, canonize, **explain_kwargs)
-    common = {"model": explained, "x_batch": x, "y_batch": y, "a_batch": a, "device": "cpu"}
+    device = str(next(explained.parameters()).device)
+    common = {"model": explained, "x_batch": x, "y_batch": y, "a_batch": a, "device": device}
     rows = {}
     np.random.seed(seed)
     torch.manual_seed(seed)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        start_values = explained(images)[torch.arange(len(y)), targets].numpy()
+        start_values = explained(images)[torch.arange(len(y)), targets].cpu().numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in metrics:
@@ -122,7 +125,7 @@ def evaluate_explanations(model, images: torch.Tensor, targets, method: str = "l
             elif name == "pointing_game":
                 rows[name] = quantus.PointingGame(disable_warnings=True)(**common, s_batch=s)
             elif name == "grid_pointing":
-                rows[name] = grid_pointing_score(torch.from_numpy(a[:, 0]), mask_tiles(masks)).numpy()
+                rows[name] = grid_pointing_score(torch.from_numpy(a[:, 0]), mask_tiles(masks.cpu())).numpy()
             elif name == "sparseness":
                 rows[name] = quantus.Sparseness(abs=True, disable_warnings=True)(**common)
             elif name == "random_logit":

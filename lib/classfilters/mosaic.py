@@ -18,6 +18,7 @@ import torch
 
 from .data import ImageSplit, channel_stats
 from .explanations import explain, heatmap
+from .models import as_feature_model
 from .visualize import fetch_images
 
 TILES = 4
@@ -113,8 +114,9 @@ def grid_pointing_game(model, mosaics: GridMosaics, method: str = "lrp_epsilon_p
     for lo in range(0, len(m), batch_size):
         sl = slice(lo, lo + batch_size)
         x = mosaics.normalize(mosaics.images[m[sl]])
-        r = explain(model, x, c[sl], method, start, influence, canonize, **explain_kwargs)
-        scores.append(grid_pointing_score(heatmap(r), t[sl]))
+        device = next(as_feature_model(model).parameters()).device
+        r = explain(model, x.to(device), c[sl].to(device), method, start, influence, canonize, **explain_kwargs)
+        scores.append(grid_pointing_score(heatmap(r).cpu(), t[sl]))
     return pd.DataFrame({"mosaic": m.numpy(), "tile": t.numpy(), "cls": c.numpy(),
                          "grid_pointing": torch.cat(scores).numpy(), "method": method, "start": start,
                          "canonized": canonize})
