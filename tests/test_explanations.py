@@ -56,6 +56,24 @@ def test_influential_and_non_influential_attributions_add_up_to_the_full_one(met
         torch.testing.assert_close(rest.sum((1, 2, 3)), z_rest.detach(), atol=1e-5, rtol=1e-4)
 
 
+def test_a_decomposed_head_is_explained_through_its_effective_weights():
+    from classfilters import DecomposedHead
+    model, mask = relu_toy(), toy_mask()
+    model.head = DecomposedHead(model.head, mask)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)                  # raw weights outside I_c no longer zero; the forward masks them
+    x = torch.randn(3, 3, 8, 8)
+    full = explain(model, x, 2, "gradient_x_input", "full", mask, canonize=False)
+    torch.testing.assert_close(explain(model, x, 2, "gradient_x_input", "influential", mask, canonize=False), full)
+    assert explain(model, x, 2, "gradient_x_input", "non_influential", mask, canonize=False).abs().max() == 0
+
+
+def test_every_public_name_resolves():
+    import classfilters
+    assert all(getattr(classfilters, name) is not None for name in classfilters.__all__)
+    assert callable(classfilters.explain) and callable(classfilters.canonize)    # functions, not the modules
+
+
 def zero_shift_resnet8(seed=0):
     """ResNet-8 whose BatchNorms have zero shift (folding adds no bias) and nontrivial scales; head bias 0."""
     torch.manual_seed(seed)
@@ -193,6 +211,16 @@ def test_grid_mosaics_are_reproducible_and_hold_four_classes():
     assert torch.equal(test.labels[a.source], a.tile_classes)
     assert torch.equal(a.images[2, :, 8:, :8], test.images[a.source[2, 2]])  # tile 2 = bottom left
     assert not torch.equal(grid_mosaics(test, 5, seed=4).images, a.images)
+
+
+def test_figures_and_the_pointing_table(digits_model):
+    from classfilters import explanation_figure, grid_pointing_games
+    test = open_dataset("digits", "test")
+    mask = torch.rand(10, digits_model.num_features, generator=torch.Generator().manual_seed(0)) < 0.1
+    fig = explanation_figure(digits_model, test.normalize(test.images[:2]), test.labels[:2], mask)
+    assert len(fig.axes) == 2 * 7                                     # image + 3 starts x canonized or not
+    table = grid_pointing_games(digits_model, grid_mosaics(test, 2), starts=("full", "influential"), influence=mask)
+    assert len(table) == 8 * 2 * 2 and set(table.start) == {"full", "influential"}
 
 
 def test_trained_digits_model_points_at_the_right_tile_above_chance(digits_model):

@@ -23,10 +23,12 @@ from .train import Recipe, finetune_head, finetune_network, train_classifier, tr
 # Explanations (zennit, Quantus: seconds to import) load on first use: classfilters.explain(...) works as usual.
 _LAZY = {
     "canonization": ("SUPPORTED_FAMILIES", "CanonizationError", "Canonized", "canonization_check", "canonize",
-                 "model_family"),
+                     "model_family"),
     "explanation_metrics": ("evaluate_explanations", "evaluate_mosaics", "summarize"),
-    "explanations": ("METHODS", "STARTS", "explain", "heatmap", "heatmap_figure", "started_model"),
-    "mosaic": ("GridMosaics", "grid_mosaics", "grid_pointing_game", "grid_pointing_score", "make_mosaic"),
+    "explanations": ("METHODS", "STARTS", "explain", "explanation_figure", "heatmap", "heatmap_figure",
+                     "started_model"),
+    "mosaic": ("GridMosaics", "grid_mosaics", "grid_pointing_game", "grid_pointing_games", "grid_pointing_score",
+               "make_mosaic"),
     "search": ("SearchResult", "best_worst_figure", "search_explanations", "search_figure"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
@@ -66,6 +68,7 @@ __all__ = [
            "evaluate_explanations",
            "evaluate_mosaics",
            "explain",
+           "explanation_figure",
            "extract_features",
            "extract_features_many",
            "finetune_head",
@@ -73,6 +76,7 @@ __all__ = [
            "grid_accuracy",
            "grid_mosaics",
            "grid_pointing_game",
+           "grid_pointing_games",
            "grid_pointing_score",
            "heatmap",
            "heatmap_figure",

@@ -60,6 +60,8 @@ def started_model(model: nn.Module, influence: InfluentialFeatures | torch.Tenso
                      device=model.head.weight.device, dtype=model.head.weight.dtype)
     with torch.no_grad():
         weight = model.head.weight.detach().clone()
+        if isinstance(getattr(model.head, "mask", None), torch.Tensor):  # a DecomposedHead: its effective weight
+            weight = weight * model.head.mask
         bias = model.head.bias.detach().clone() if model.head.bias is not None else torch.zeros_like(head.bias)
         if start != "full":
             mask = (influence.mask if isinstance(influence, InfluentialFeatures) else influence.bool()).to(weight.device)
@@ -224,3 +226,13 @@ def heatmap_figure(images: torch.Tensor, heatmaps: dict[str, torch.Tensor], titl
         ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+def explanation_figure(model: nn.Module, images: torch.Tensor, target, influence=None,
+                       method: str = "lrp_epsilon_plus", starts=STARTS, canonize=(True, False),
+                       titles: list[str] | None = None, **explain_kwargs):
+    """Heatmaps of `images` (float, normalised) for every start x canonized-or-not, one column each."""
+    maps = {f"{start}{', canonized' if canon else ''}": heatmap(explain(model, images, target, method, start, influence,
+                                                                         canon, **explain_kwargs))
+            for start in starts for canon in canonize}
+    return heatmap_figure(images.cpu(), {k: v.cpu() for k, v in maps.items()}, titles)

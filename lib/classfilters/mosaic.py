@@ -120,3 +120,10 @@ def grid_pointing_game(model, mosaics: GridMosaics, method: str = "lrp_epsilon_p
     return pd.DataFrame({"mosaic": m.numpy(), "tile": t.numpy(), "cls": c.numpy(),
                          "grid_pointing": torch.cat(scores).numpy(), "method": method, "start": start,
                          "canonized": canonize})
+
+
+def grid_pointing_games(model, mosaics: GridMosaics, methods=("lrp_epsilon_plus",), starts=("full",),
+                        canonize=(True, False), influence=None, **explain_kwargs) -> pd.DataFrame:
+    """`grid_pointing_game` for every (method, start, canonized), rows concatenated (`summarize` them)."""
+    return pd.concat([grid_pointing_game(model, mosaics, method, start, influence, canon, **explain_kwargs)
+                      for method in methods for start in starts for canon in canonize], ignore_index=True)
