@@ -242,6 +242,18 @@ def test_metric_helpers_by_hand():
     assert quantus.helpers.utils.calculate_auc(np.array([0.0, 1.0, 2.0])) == pytest.approx(2.0)  # the np.trapz shim
 
 
+def test_aggregate_score_by_hand():
+    import pandas as pd
+
+    from classfilters import aggregate_score
+    table = pd.DataFrame({"grid_pointing": [0.5, 1.0], "avg_sensitivity": [0.2, 0.4]})
+    # row 0: (0.5 / 1.0 + 0.2 / 0.2) / 2 = 0.75; row 1: (1.0 + 0.2 / 0.4) / 2 = 0.75
+    assert aggregate_score(table, ("grid_pointing", "avg_sensitivity")).tolist() == pytest.approx([0.75, 0.75])
+    assert aggregate_score(table, ("grid_pointing",)).tolist() == pytest.approx([0.5, 1.0])
+    with pytest.raises(ValueError, match="missing"):
+        aggregate_score(table, ("sparseness",))
+
+
 def test_summarize_intervals():
     import pandas as pd
     frame = pd.DataFrame({"method": ["a"] * 4 + ["b"] * 4, "start": "full", "canonized": True,
@@ -290,6 +302,9 @@ def test_search_returns_scored_configurations_and_the_best(digits_model):
     assert result.worst.grid_pointing == result.frame.grid_pointing.min()
     strict = search_explanations(digits_model, mosaics, space, budget=2, max_tiles=8, floor=2.0)
     assert not strict.frame.feasible.any()                       # a correlation never reaches 2
+    agg = search_explanations(digits_model, mosaics, space, budget=2, max_tiles=4, objective="aggregate",
+                              aggregate_of=("grid_pointing", "sparseness"), floor=-1.0)
+    assert agg.frame["aggregate"].between(0, 1).all() and agg.best["aggregate"] == agg.frame["aggregate"].max()
     with pytest.raises(ValueError, match="unknown search parameters"):
         search_explanations(digits_model, mosaics, {"alpha": (1,)})
     with pytest.raises(ValueError, match="train_features"):

@@ -179,6 +179,19 @@ def evaluate_mosaics(model, mosaics: GridMosaics, methods=("lrp_epsilon_plus",),
     return pd.concat(frames, ignore_index=True)
 
 
+def aggregate_score(table: pd.DataFrame, metrics) -> pd.Series:
+    """The canonization paper's aggregate (its `compute_rankings`), one value per row of `table` (one row per
+    configuration, metric means as columns): each metric's |value| scaled to (0, 1] across the rows, by
+    v / max v where higher is better and by min v / v where lower is better, then averaged over the metrics."""
+    if not len(metrics) or (missing := [m for m in metrics if m not in table]):
+        raise ValueError(f"aggregate needs metric columns, missing {missing if metrics else 'all'}")
+    parts = []
+    for name in metrics:
+        v = table[name].abs().astype(float)
+        parts.append(v / v.max() if HIGHER_IS_BETTER[name] else v.min() / v)
+    return pd.concat(parts, axis=1).mean(axis=1)
+
+
 def summarize(frame: pd.DataFrame, by=("method", "start", "canonized"), n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Mean and 95% percentile-bootstrap interval of every metric column per group (NaNs dropped)."""
     rng = np.random.default_rng(seed)
