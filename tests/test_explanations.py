@@ -305,6 +305,13 @@ def test_search_returns_scored_configurations_and_the_best(digits_model):
     agg = search_explanations(digits_model, mosaics, space, budget=2, max_tiles=4, objective="aggregate",
                               aggregate_of=("grid_pointing", "sparseness"), floor=-1.0)
     assert agg.frame["aggregate"].between(0, 1).all() and agg.best["aggregate"] == agg.frame["aggregate"].max()
+    train = open_dataset("digits", "train")
+    with torch.no_grad():
+        feats = digits_model.forward_features(train.normalize(train.images))
+    ks = search_explanations(digits_model, mosaics, {"k": (3,), "k_prime": (2, 8)}, max_tiles=4, floor=-1.0,
+                             train_features=feats, train_labels=train.labels)
+    assert sorted(ks.frame.k_prime) == [2, 8] and ks.frame.grid_pointing.notna().all()
+    assert ks.frame.grid_pointing.nunique() == 2                   # different index sets, different explanations
     with pytest.raises(ValueError, match="unknown search parameters"):
         search_explanations(digits_model, mosaics, {"alpha": (1,)})
     with pytest.raises(ValueError, match="train_features"):
