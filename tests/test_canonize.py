@@ -112,3 +112,23 @@ def test_training_mode_and_zero_scale_densenet_bn_are_refused():
         canonize(model)
     assert list(model.state_dict()) == list(state)          # the parts applied before the refusal were undone
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("label", ["cifar_resnet8", "densenet121", "efficientnet_b0"])
+def test_explaining_inside_a_canonization_leaves_it_intact(label):
+    from classfilters import explain
+    _, make, _ = FAMILIES[label]
+    torch.manual_seed(0)
+    model = as_feature_model(random_stats(make()))
+    x = torch.randn(2, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x)
+    with canonize(model, x):
+        inside = explain(model, x, 1, "lrp_epsilon_plus", canonize=True)   # the body is canonized already
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
+    torch.testing.assert_close(inside, explain(model, x, 1, "lrp_epsilon_plus", canonize=True))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

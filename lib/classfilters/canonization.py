@@ -43,6 +43,7 @@ SUPPORTED_FAMILIES = {
     "efficientnet": "torchvision EfficientNet",
 }
 DEFAULT_RTOL = 1e-5
+BODY_MARK = "canonized_by_classfilters"  # set on a FeatureModel's body while it is canonized
 
 
 class CanonizationError(ValueError):
@@ -411,7 +412,14 @@ def canonizer_for(model: nn.Module) -> CompositeCanonizer:
         raise CanonizationError(f"no canonizer for model '{name}' ({type(getattr(model, 'body', model)).__name__}): "
                                 f"supported families are {', '.join(SUPPORTED_FAMILIES.values())}; "
                                 "explain it with canonize=False")
+    body = getattr(model, "body", None)
+    if body is not None and getattr(body, BODY_MARK, False):
+        # nested use (explaining inside `with canonize(model)`): the shared body is canonized already, so only
+        # this wrapper's pooling is left to change
+        return CompositeCanonizer([NoInplace(), SwapAttributes(_pool_module)])
     parts.append(SwapAttributes(_pool_module))
+    if body is not None:
+        parts.append(SwapAttributes(lambda name, module: {BODY_MARK: True} if module is body else None))
     return CompositeCanonizer(parts)
 
 
