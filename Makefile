@@ -25,6 +25,7 @@ bench: install
 	$(PYTHON) benchmarks/bench_grid.py
 	$(PYTHON) benchmarks/bench_decode.py
 	$(PYTHON) benchmarks/bench_scaleout.py --device cpu
+	$(PYTHON) benchmarks/bench_explain.py
 
 # the GPU benchmarks (needs CUDA and ../shared/data): Algorithm 1, decoding, the depth study's
 # one-pass extraction, training ResNet-20 (results in benchmarks/results/*-cuda.json)

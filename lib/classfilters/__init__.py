@@ -4,7 +4,9 @@ Implements "Decomposing the Deep: Finding Class Specific Filters in Deep CNNs". 
 the bottom: the algorithm (influence.py: Algorithm 1; decomposed.py: the decomposed final layer and
 the (k, k') grid; ablation.py; overlap.py; with sizes.py and checks.py for their arguments), the
 pipeline (data.py, decode.py, models.py, features.py, device.py, cache.py), training and extensions
-(recipe.py, train.py, csg.py, visualize.py), the study (profile.py, session.py, tables.py,
+(recipe.py, train.py, csg.py, visualize.py; explanations of a class's influential features:
+canonization.py, explanations.py, explanation_metrics.py, mosaic.py for the grid pointing game,
+search.py), the study (profile.py, session.py, tables.py,
 widgets.py) and the faces (cli.py, runner.py, the notebooks).
 
 The names below are imported on first use (PEP 562), so `import classfilters` and reading a
@@ -17,8 +19,21 @@ import importlib
 __version__ = "0.1.0"  # the only place the version is written (pyproject.toml reads it)
 
 _EXPORTS = {
+    "CacheWarning": "cache",
+    "CanonizationError": "canonization", "Canonized": "canonization", "SUPPORTED_FAMILIES": "canonization",
+    "canonization_check": "canonization", "canonize": "canonization",
+    "aggregate_score": "explanation_metrics", "evaluate_explanations": "explanation_metrics",
+    "evaluate_mosaics": "explanation_metrics",
+    "METHODS": "explanations", "STARTS": "explanations", "explain": "explanations",
+    "explanation_figure": "explanations", "heatmap": "explanations", "heatmap_figure": "explanations",
+    "started_model": "explanations",
+    "GridMosaics": "mosaic", "grid_mosaics": "mosaic", "grid_pointing_game": "mosaic",
+    "grid_pointing_games": "mosaic", "grid_pointing_score": "mosaic", "make_mosaic": "mosaic",
+    "SearchResult": "search", "best_worst_figure": "search", "search_explanations": "search",
+    "search_figure": "search",
+    "UntrustedCheckpointError": "models", "model_family": "models", "read_checkpoint": "models",
     "noise_ablation": "ablation",
-    "DatasetError": "data", "ImageSplit": "data", "open_dataset": "data",
+    "DatasetError": "data", "ImageSplit": "data", "check_same_classes": "data", "open_dataset": "data",
     "DecomposedHead": "decomposed", "accuracy": "decomposed", "evaluate": "decomposed", "grid_accuracy": "decomposed",
     "default_device": "device", "init_distributed": "device",
     "extract_features": "features", "extract_features_many": "features",
