@@ -5,6 +5,6 @@ if len(sys.argv) > 1 and sys.argv[1] == "prune":
     from .cli_prune import main as prune_main
     sys.exit(prune_main(sys.argv[2:]))
 
-from .cli import main  # noqa: E402
+from .cli import main
 
 sys.exit(main())

@@ -62,12 +62,12 @@ def _embed_pruner():
 
     class EmbedShortcutPruner(tp.pruner.function.BasePruningFunc):
         def prune_out_channels(self, layer, idxs):
-            gone = set(int(i) for i in idxs)
+            gone = {int(i) for i in idxs}
             layer.source = layer.source[[o for o in range(len(layer.source)) if o not in gone]]
             return layer
 
         def prune_in_channels(self, layer, idxs):
-            gone = set(int(i) for i in idxs)
+            gone = {int(i) for i in idxs}
             renumber = {old: new for new, old in enumerate(i for i in range(layer.in_channels) if i not in gone)}
             layer.source = torch.tensor([renumber.get(int(s), -1) for s in layer.source], dtype=torch.long,
                                         device=layer.source.device)
@@ -202,8 +202,10 @@ def _mask(group, graph, removed_roots: set[int]) -> None:
         if not own:
             continue
         out = graph.is_out_channel_pruning_fn(dep.handler)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) or (isinstance(module, (nn.Conv2d, nn.Linear))
-                                                                   and (out or module.groups > 1 if isinstance(module, nn.Conv2d) else out)):
+        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
+        rows = isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(module, (nn.Conv2d, nn.Linear)) and (out or depthwise))
+        if rows:  # outputs (and a depthwise conv's filters): weight rows, bias; BatchNorm's affine parameters
             module.weight[own] = 0
             if module.bias is not None:
                 module.bias[own] = 0
@@ -279,11 +281,11 @@ def fill_zero(model: nn.Module, seed: int = 0, atol: float = 1e-8) -> nn.Module:
     for _, conv in spatial_convs(model):
         w = conv.weight
         cpu = w.detach().cpu().double()
-        near = torch.isclose(cpu, torch.zeros(()), atol=atol, rtol=0)
+        near = torch.isclose(cpu, torch.zeros((), dtype=cpu.dtype), atol=atol, rtol=0)
         mean, std = cpu.mean((2, 3), keepdim=True), cpu.std((2, 3), keepdim=True).nan_to_num(0)
         draw = mean + std * torch.randn(cpu.shape, generator=gen, dtype=torch.float64)
         cpu = torch.where(near, draw, cpu)
-        still = torch.isclose(cpu, torch.zeros(()), atol=atol, rtol=0)
+        still = torch.isclose(cpu, torch.zeros((), dtype=cpu.dtype), atol=atol, rtol=0)
         bound = 1 / math.sqrt(cpu[0].numel())
         cpu = torch.where(still, (torch.rand(cpu.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound, cpu)
         w.copy_(cpu.to(w.dtype))
@@ -332,7 +334,7 @@ def _protect_by_name(model: nn.Module, protect: dict | None) -> dict[str, set[in
     for module, idx in (protect or {}).items():
         if id(module) not in names:
             raise ValueError(f"protect names a {type(module).__name__} that is not part of the model")
-        out[names[id(module)]] = set(int(i) for i in idx)
+        out[names[id(module)]] = {int(i) for i in idx}
     return out
 
 
