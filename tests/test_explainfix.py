@@ -373,6 +373,42 @@ def test_zeroing_that_would_empty_a_layer_is_refused_and_changes_nothing():
     sal = {n: torch.ones(c.weight.shape[:2]) for n, c in spatial_convs(model)}
     sal["body.model.conv1"] = torch.zeros_like(sal["body.model.conv1"])  # the stem's 16 filters are the least salient
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="would empty body.model.conv1"):
+    with pytest.raises(ValueError, match="would empty body.model.conv1.*keep_per_layer"):
         zero_least_salient(model, sal, 1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    zero_least_salient(model, sal, 1, keep_per_layer=2)  # spares the two most salient stem filters
+    assert int((model.body.model.conv1.weight.abs().sum((1, 2, 3)) > 0).sum()) == 2
+
+
+# --------------------------------------------------------------------------------------------- one-line tables
+
+def test_tables_for_the_notebooks(digits, digits_model):
+    from classfilters import class_specific_table, compare_initialisations, low_frequency_table, prune_sweep
+    train, test = digits
+    recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False)
+    table = compare_initialisations("resnet8", train.subset(torch.arange(512)), test, ("learned", "DCT2"), recipe)
+    assert list(table.init) == ["learned", "DCT2"]
+    assert table.trainable_params[1] < table.trainable_params[0] == table.params[0]
+    assert table.seconds_per_epoch.gt(0).all() and table.relative.between(0, 2).all()
+    again = compare_initialisations("resnet8", train.subset(torch.arange(512)), test, ("DCT2",), recipe)
+    assert again.acc[0] == table.acc[1]  # from the cache
+    sweep = prune_sweep(digits_model, train, test, (50, 99), recipe=Recipe(epochs=0), max_images=128, keep_per_layer=1)
+    assert list(sweep.pct) == [0, 50, 99] and sweep.params.is_monotonic_decreasing and sweep.macs.is_monotonic_decreasing
+    assert sweep.kernels.is_monotonic_decreasing and sweep.acc[0] > 0.5
+    low = low_frequency_table({"trained": digits_model, "random": small_resnet()}, null_draws=20)
+    assert set(low.model) == {"trained", "random"} and len(low) == 14
+    spec = class_specific_table({"trained": digits_model}, train, test)
+    assert 0 < spec.relative[0] <= 1.5
+    with pytest.raises(ValueError, match="unknown initialisation"):
+        compare_initialisations("resnet8", train, test, ("learned", "nope"))
+
+
+def test_removing_every_channel_of_a_group_is_refused_unless_one_is_kept():
+    model = small_resnet(in_channels=3)
+    with torch.no_grad():
+        model.body.model.layer2[0].conv2.weight.zero_()  # no inner channel of the block is read any more
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="every channel of body.model.layer2.0.conv1"):
+        prune_channels(model, x)
+    pruned, _ = prune_channels(model, x, keep_one_channel=True)
+    assert pruned.body.model.layer2[0].conv1.out_channels == 1

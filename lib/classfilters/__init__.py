@@ -23,6 +23,14 @@ from .class_subset import (
 )
 from .data import DatasetError, ImageSplit, open_dataset
 from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
+from .explainfix_tables import (
+    class_specific_table,
+    class_subset_table,
+    compare_initialisations,
+    low_frequency_table,
+    prune_sweep,
+    train_fixed,
+)
 from .features import extract_features, extract_features_many, init_distributed
 from .fixed_filters import (
     INITS,
@@ -63,7 +71,10 @@ __all__ = [
     "as_feature_model",
     "build_model",
     "channel_prune",
+    "class_specific_table",
     "class_subset_model",
+    "class_subset_table",
+    "compare_initialisations",
     "dct_basis",
     "diagonal_order",
     "evaluate",
@@ -84,6 +95,7 @@ __all__ = [
     "load_cifar_resnet",
     "load_subset_model",
     "low_frequency_share",
+    "low_frequency_table",
     "macs_and_params",
     "mask_prunable",
     "mean_pairwise",
@@ -91,6 +103,7 @@ __all__ = [
     "noise_ablation",
     "open_dataset",
     "prune_channels",
+    "prune_sweep",
     "resolve_classes",
     "restrict_head",
     "spatial_convs",
@@ -98,6 +111,7 @@ __all__ = [
     "spectra_figure",
     "subset_split",
     "train_classifier",
+    "train_fixed",
     "trainable_parameters",
     "trained_model",
     "zero_least_salient",

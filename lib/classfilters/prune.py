@@ -3,7 +3,9 @@
 1. Saliency s[o, i] per spatial filter (saliency.py: "weight_grad" |W ⊙ ∇W|, the authors' library,
    or "grad" |∇W|, their paper runs), over the images of chosen classes.
 2. Zeroing is global: the ⌊pct/100 · T⌋ least salient of all T spatial filters are set to 0
-   (W[o, i, :, :] = 0). A layer left with no non-zero filter is an error (lower pct).
+   (W[o, i, :, :] = 0). A layer left with no non-zero filter, or a group with no live channel, is an
+   error (lower pct), unless keep_per_layer > 0 spares each layer's most salient filters and each
+   group's strongest channel (our departure from the paper's purely global rule, for 99 %).
    "reset" then restores every filter that is neither in an all-zero row nor an all-zero column.
 3. Physical pruning, on Torch-Pruning's dependency graph: a *group* is a set of coupled channels
    (a conv's outputs, the BatchNorms and residual adds they pass, and the inputs of every conv or
@@ -112,9 +114,13 @@ def check_prunable(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def zero_least_salient(model: nn.Module, saliency: dict[str, torch.Tensor], pct: float, fill: str = "none") -> dict:
+def zero_least_salient(model: nn.Module, saliency: dict[str, torch.Tensor], pct: float, fill: str = "none",
+                       keep_per_layer: int = 0) -> dict:
     """Zero the pct % least salient spatial filters of the whole model (in place); with fill="reset",
-    restore the filters outside all-zero rows and columns. Returns counts."""
+    restore the filters outside all-zero rows and columns. Returns counts.
+
+    A layer that would lose every filter is an error, unless `keep_per_layer` > 0: then each layer's
+    `keep_per_layer` most salient filters are spared (a departure from the paper's purely global rule)."""
     check_pct(pct)
     if fill not in FILLS:
         raise ValueError(f"unknown fill {fill!r}: choose one of {FILLS}")
@@ -122,7 +128,13 @@ def zero_least_salient(model: nn.Module, saliency: dict[str, torch.Tensor], pct:
     if set(saliency) != set(convs):
         raise ValueError("the saliency does not match the model's spatial convs: compute it with filter_saliency(model, ...)")
     names = list(saliency)
-    flat = torch.cat([saliency[n].reshape(-1) for n in names])
+    spared = []
+    for n in names:  # the most salient filters of each layer rank above every other filter
+        s = saliency[n].reshape(-1).double().clone()
+        if keep_per_layer:
+            s[torch.topk(s, min(keep_per_layer, len(s))).indices] = float("inf")
+        spared.append(s)
+    flat = torch.cat(spared)
     count = math.floor(pct / 100 * len(flat))
     chosen = torch.zeros(len(flat), dtype=torch.bool)
     chosen[torch.argsort(flat, stable=True)[:count]] = True
@@ -133,7 +145,8 @@ def zero_least_salient(model: nn.Module, saliency: dict[str, torch.Tensor], pct:
         start += size
         if masks[n].all():
             raise ValueError(f"zeroing {pct}% of the spatial filters would empty {n} (all its "
-                             f"{size} filters are among the least salient): lower pct")
+                             f"{size} filters are among the least salient): lower pct, or spare the most salient "
+                             "filters of each layer with keep_per_layer=1")
     for n in names:
         w = convs[n].weight
         original = w.detach().clone()
@@ -218,7 +231,8 @@ def _mask(group, graph, removed_roots: set[int]) -> None:
                 module.source[torch.isin(module.source, torch.tensor(own, device=module.source.device))] = -1
 
 
-def _walk_groups(model: nn.Module, example: torch.Tensor, protect: dict | None, action: str) -> dict:
+def _walk_groups(model: nn.Module, example: torch.Tensor, protect: dict | None, action: str,
+                 keep_one_channel: bool = False) -> dict:
     import torch_pruning as tp
 
     check_prunable(model)
@@ -234,8 +248,13 @@ def _walk_groups(model: nn.Module, example: torch.Tensor, protect: dict | None, 
         plan = _channel_plan(group, graph, protect or {})
         groups += 1
         if plan.all():
-            root = graph._module2name.get(group[0].dep.target.module)
-            raise ValueError(f"pruning would remove every channel of {root} (all its filters are zero): lower pct")
+            root_module = group[0].dep.target.module
+            if not keep_one_channel:
+                root = graph._module2name.get(root_module)
+                raise ValueError(f"pruning would remove every channel of {root} (all its filters are zero or unread): "
+                                 "lower pct, or keep each group's strongest channel (keep_one_channel=True; "
+                                 "channel_prune(..., keep_per_layer=1))")
+            plan[int(root_module.weight.detach().flatten(1).abs().sum(1).argmax())] = False
         roots = torch.nonzero(plan).flatten().tolist()
         if not roots:
             continue
@@ -253,23 +272,26 @@ def _walk_groups(model: nn.Module, example: torch.Tensor, protect: dict | None, 
     return {"groups": groups, "channels_removed": removed_total}
 
 
-def mask_prunable(model: nn.Module, example: torch.Tensor, protect: dict | None = None) -> nn.Module:
+def mask_prunable(model: nn.Module, example: torch.Tensor, protect: dict | None = None,
+                  keep_one_channel: bool = False) -> nn.Module:
     """A copy of `model` with every parameter `prune_channels` would remove set to 0: the function the
     physically smaller model computes."""
     names = _protect_by_name(model, protect)
     model = copy.deepcopy(model)
-    _walk_groups(model, example, _protect_from_names(model, names), "mask")
+    _walk_groups(model, example, _protect_from_names(model, names), "mask", keep_one_channel)
     return model
 
 
-def prune_channels(model: nn.Module, example: torch.Tensor, protect: dict | None = None) -> tuple[nn.Module, dict]:
+def prune_channels(model: nn.Module, example: torch.Tensor, protect: dict | None = None,
+                   keep_one_channel: bool = False) -> tuple[nn.Module, dict]:
     """A physically smaller copy of `model` without its dead channels, and counts.
 
     example: one input batch (shapes only). protect: {module of `model`: input-channel indices it must
-    keep}, e.g. {model.head: influential features}."""
+    keep}, e.g. {model.head: influential features}. A group whose every channel is dead is an error,
+    unless keep_one_channel (then its root's channel of largest weight stays)."""
     names = _protect_by_name(model, protect)
     model = copy.deepcopy(model)
-    info = _walk_groups(model, example, _protect_from_names(model, names), "prune")
+    info = _walk_groups(model, example, _protect_from_names(model, names), "prune", keep_one_channel)
     return model, info
 
 
@@ -294,14 +316,19 @@ def fill_zero(model: nn.Module, seed: int = 0, atol: float = 1e-8) -> nn.Module:
 
 def macs_and_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     """(multiply-adds, parameters) of one forward pass on `example` (Torch-Pruning's counter)."""
+    import contextlib
+    import io
+
     import torch_pruning as tp
-    macs, params = tp.utils.count_ops_and_params(model, example)
+    with contextlib.redirect_stdout(io.StringIO()):  # its counter prints warnings about ptflops attributes
+        macs, params = tp.utils.count_ops_and_params(model, example)
     return int(macs), int(params)
 
 
 def channel_prune(model: nn.Module, split: ImageSplit, pct: float, saliency: str = "weight_grad",
                   classes: list[int] | None = None, fill: str = "none", protect: dict | None = None,
-                  max_images: int | None = 2048, seed: int = 0, device=None) -> tuple[nn.Module, dict]:
+                  max_images: int | None = 2048, seed: int = 0, keep_per_layer: int = 0,
+                  device=None) -> tuple[nn.Module, dict]:
     """ChannelPrune: saliency on `split` (images of `classes`), zero `pct` % of the spatial filters,
     remove the dead channels, optionally FillZero. Returns (smaller model on the CPU, report); `model`
     itself is not changed. Fine-tune the result with `train_classifier`."""
@@ -316,9 +343,9 @@ def channel_prune(model: nn.Module, split: ImageSplit, pct: float, saliency: str
     zeroed = copy.deepcopy(model).cpu()
     scores = filter_saliency(zeroed, split, saliency, classes, max_images, device=device)
     zeroed.cpu()
-    counts = zero_least_salient(zeroed, scores, pct, "reset" if fill == "reset" else "none")
+    counts = zero_least_salient(zeroed, scores, pct, "reset" if fill == "reset" else "none", keep_per_layer)
     example = split.normalize(split.images[:2])
-    pruned, info = prune_channels(zeroed, example, _protect_from_names(zeroed, protect_names))
+    pruned, info = prune_channels(zeroed, example, _protect_from_names(zeroed, protect_names), keep_per_layer > 0)
     if fill == "FillZero":
         fill_zero(pruned, seed)
     before, after = macs_and_params(model.cpu().eval(), example), macs_and_params(pruned.eval(), example)
