@@ -6,8 +6,8 @@ image's true-class logit over the images of the chosen classes S (all classes by
     "grad"        s[o, i] = Σ_batches Σ_{h,w} |∂L/∂W[o, i, h, w]|               (the paper's runs, ExplainSteer)
     "weight_grad" s[o, i] = Σ_batches Σ_{h,w} |W[o, i, h, w] · ∂L/∂W[o, i, h, w]|  (the authors' library)
 
-Returns {conv name: float64 (O, I/g)} in `spatial_convs` order. The model's requires_grad flags are
-restored afterwards, so fixed filters stay fixed.
+Returns {conv name: float64 (O, I/g)} in `spatial_convs` order. The model's requires_grad flags,
+train/eval mode and device are restored afterwards, so fixed filters stay fixed.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def filter_saliency(model: nn.Module, split: ImageSplit, kind: str = "grad", cla
         index = index[:max_images]
     device = torch.device(device) if device is not None else default_device()
     was_training = model.training
+    home = next(model.parameters()).device
     flags = {id(p): p.requires_grad for p in model.parameters()}
     model.to(device).eval()
     weights = [conv.weight for _, conv in convs]
@@ -68,5 +69,5 @@ def filter_saliency(model: nn.Module, split: ImageSplit, kind: str = "grad", cla
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
-        model.train(was_training)
+        model.train(was_training).to(home)
     return {name: s.cpu() for (name, _), s in zip(convs, scores)}
