@@ -108,6 +108,7 @@ def spectra_figure(table: pd.DataFrame, title: str | None = None, log: bool = Fa
     basis position summed over layers (right). `table` is `spectra(...)`'s DataFrame."""
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     ed = table[table.spectrum == "ed"]
     if ed.empty:
@@ -121,6 +122,7 @@ def spectra_figure(table: pd.DataFrame, title: str | None = None, log: bool = Fa
     top = fig.add_subplot(grid[0, 0], sharex=heat)
     right = fig.add_subplot(grid[1, 1], sharey=heat)
     image = heat.imshow(matrix, aspect="auto", cmap="Greens", vmin=0, interpolation="nearest")
+    heat.xaxis.set_major_locator(MaxNLocator(integer=True))
     heat.set_xlabel("spatial layer")
     heat.set_ylabel("DCT-II basis filter (low → high frequency)")
     top.bar(np.arange(matrix.shape[1]), matrix.sum(0), color="tab:green")
