@@ -6,7 +6,8 @@ the (k, k') grid; ablation.py; overlap.py; with sizes.py and checks.py for their
 pipeline (data.py, decode.py, models.py, features.py, device.py, cache.py), training and extensions
 (recipe.py, train.py, csg.py, visualize.py; explanations of a class's influential features:
 canonization.py, explanations.py, explanation_metrics.py, mosaic.py for the grid pointing game,
-search.py), the study (profile.py, session.py, tables.py,
+search.py; ExplainFix: fixed_filters.py, spectra.py, saliency.py, prune.py, class_subset.py,
+explainfix_tables.py), the study (profile.py, session.py, tables.py,
 widgets.py) and the faces (cli.py, runner.py, the notebooks).
 
 The names below are imported on first use (PEP 562), so `import classfilters` and reading a
@@ -19,6 +20,18 @@ import importlib
 __version__ = "0.1.0"  # the only place the version is written (pyproject.toml reads it)
 
 _EXPORTS = {
+    "class_subset_model": "class_subset", "export_subset_model": "class_subset", "load_subset_model": "class_subset",
+    "resolve_classes": "class_subset", "restrict_head": "class_subset", "subset_split": "class_subset",
+    "class_specific_table": "explainfix_tables", "class_subset_table": "explainfix_tables",
+    "compare_initialisations": "explainfix_tables", "low_frequency_table": "explainfix_tables",
+    "prune_sweep": "explainfix_tables", "train_fixed": "explainfix_tables",
+    "INITS": "fixed_filters", "dct_basis": "fixed_filters", "diagonal_order": "fixed_filters",
+    "fix_spatial_filters": "fixed_filters", "guided_steer_sampler": "fixed_filters", "spatial_convs": "fixed_filters",
+    "trainable_parameters": "fixed_filters",
+    "EmbedShortcut": "prune", "channel_prune": "prune", "fill_zero": "prune", "macs_and_params": "prune",
+    "mask_prunable": "prune", "prune_channels": "prune", "zero_least_salient": "prune",
+    "filter_saliency": "saliency",
+    "layer_spectrum": "spectra", "low_frequency_share": "spectra", "spectra": "spectra", "spectra_figure": "spectra",
     "CacheWarning": "cache",
     "CanonizationError": "canonization", "Canonized": "canonization", "SUPPORTED_FAMILIES": "canonization",
     "canonization_check": "canonization", "canonize": "canonization",

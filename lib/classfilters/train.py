@@ -83,8 +83,10 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
         net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None)
     images, labels = split.images.to(device), split.labels.to(device)
     steps_per_epoch = -(-len(split) // recipe.batch_size)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True,
-                          weight_decay=recipe.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # fixed (frozen) weights stay bit-identical
+    if not trainable:
+        raise ValueError("the model has no trainable parameter (every requires_grad is False): nothing to train")
+    opt = torch.optim.SGD(trainable, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
     sched = one_cycle(opt, recipe.lr, recipe.epochs * steps_per_epoch)
     bf16 = device.type == "cuda"
     padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8

@@ -1,0 +1,154 @@
+"""ExplainFix's claims as one-line calls returning DataFrames, joined to class-specific features.
+
+- `train_fixed`: a model trained from scratch with its spatial filters fixed at `init` ("learned":
+  nothing fixed), cached under the model, data, recipe, seed, init (and GuidedSteer source);
+  seconds per epoch are measured when trained (and cached with it).
+- `compare_initialisations`: per init, test accuracy, trainable / total parameters, seconds per
+  epoch, and our relative accuracy at k = k' (decomposed / full head).
+- `low_frequency_table`: `low_frequency_share` for several models, one row per (model, layer).
+- `prune_sweep`: ChannelPrune at several percentages: kernels, parameters, multiply-adds, CPU
+  latency, accuracy before / after fine-tuning, fine-tuning seconds per epoch, relative accuracy.
+- `class_specific_table`: relative accuracy at k = k' for any dict of models (learned, fixed, pruned).
+- `class_subset_table`: `class_subset_model` reports for several class subsets.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict
+
+import pandas as pd
+import torch
+from torch import nn
+
+from . import cache
+from .class_subset import class_subset_model, latency_ms, predict
+from .data import ImageSplit
+from .decomposed import accuracy, evaluate
+from .features import extract_features
+from .fixed_filters import INITS, _canonical_init, fix_spatial_filters, spatial_convs, trainable_parameters
+from .influence import influential_features
+from .models import FeatureModel, build_model, fingerprint
+from .prune import channel_prune, check_pct, macs_and_params
+from .spectra import low_frequency_share
+from .train import Recipe, train_classifier
+
+
+def train_fixed(name: str, train: ImageSplit, init: str = "learned", recipe: Recipe | None = None, seed: int = 0,
+                source: nn.Module | None = None, device=None, progress: bool = False) -> tuple[FeatureModel, float]:
+    """(model trained on `train` with spatial filters fixed at `init`, seconds per epoch when trained)."""
+    recipe = recipe or Recipe()
+    init = "learned" if init == "learned" else _canonical_init(init)
+    in_channels = train.images.shape[1]
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes=train.num_classes, in_channels=in_channels)
+    if init != "learned":
+        fix_spatial_filters(model, init, source=source, seed=seed)
+    key = {"model": name, "data": train.fingerprint, "recipe": asdict(recipe), "seed": seed, "init": init,
+           "source": fingerprint(source) if init == "GuidedSteer" else None, "in_channels": in_channels,
+           "classes": train.num_classes, "kind": "explainfix-fixed"}
+    if (blob := cache.load("models", key)) is not None:
+        seconds = float(blob.pop("__seconds_per_epoch__"))
+        model.load_state_dict(blob)
+        return model.eval(), seconds
+    start = time.perf_counter()
+    train_classifier(model, train, recipe, device, seed, progress)
+    seconds = (time.perf_counter() - start) / max(recipe.epochs, 1)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    cache.save("models", key, {**state, "__seconds_per_epoch__": torch.tensor(seconds)})
+    return model.cpu().eval(), seconds
+
+
+def _relative(model: FeatureModel, train: ImageSplit, test: ImageSplit, k, k_prime) -> dict:
+    model = model.cpu().eval()
+    train_features = extract_features(model, train, device="cpu", progress=False, use_cache=False)
+    test_features = extract_features(model, test, device="cpu", progress=False, use_cache=False)
+    influence = influential_features(train_features, train.labels, k, k_prime, num_classes=train.num_classes)
+    return evaluate(model.head, influence, test_features, test.labels)
+
+
+def class_specific_table(models: dict[str, FeatureModel], train: ImageSplit, test: ImageSplit, k=5,
+                         k_prime=5) -> pd.DataFrame:
+    """Per model: full and decomposed test accuracy at (k, k') and their ratio (relative accuracy)."""
+    rows = []
+    for label, model in models.items():
+        r = _relative(model, train, test, k, k_prime)
+        rows.append({"model": label, "k": k, "k_prime": k_prime, "acc_full": r["acc_full"],
+                     "acc_decomposed": r["acc_decomposed"], "relative": r["relative"]})
+    return pd.DataFrame(rows)
+
+
+def compare_initialisations(name: str, train: ImageSplit, test: ImageSplit, inits=("learned", "Unchanged", "KRandom",
+                            "DCT2", "GHaar", "Psine"), recipe: Recipe | None = None, seed: int = 0,
+                            source: nn.Module | None = None, k=5, k_prime=5, device=None) -> pd.DataFrame:
+    """Train `name` from scratch once per init (same recipe and seed): accuracy, parameters, speed,
+    relative accuracy at (k, k'). GuidedSteer needs `source` (a trained model of the same architecture)."""
+    for init in inits:  # every name checked before any training
+        if init != "learned":
+            _canonical_init(init)
+    if any(i.lower() == "guidedsteer" for i in inits) and source is None:
+        raise ValueError(f"GuidedSteer needs source=<a trained {name}>; the inits are learned, {', '.join(INITS)}")
+    rows = []
+    for init in inits:
+        model, seconds = train_fixed(name, train, init, recipe, seed, source, device)
+        r = _relative(model, train, test, k, k_prime)
+        rows.append({"init": init, "acc": r["acc_full"], "acc_decomposed": r["acc_decomposed"], "relative": r["relative"],
+                     "trainable_params": trainable_parameters(model),
+                     "params": sum(p.numel() for p in model.parameters()), "seconds_per_epoch": seconds})
+    return pd.DataFrame(rows)
+
+
+def low_frequency_table(models: dict[str, nn.Module], null_draws: int = 200, seed: int = 0) -> pd.DataFrame:
+    """`low_frequency_share` of every model, one row per (model, spatial layer)."""
+    return pd.concat([low_frequency_share(m, null_draws, seed).assign(model=label) for label, m in models.items()],
+                     ignore_index=True)
+
+
+def prune_sweep(model: FeatureModel, train: ImageSplit, test: ImageSplit, pcts=(50, 90, 99), saliency: str = "grad",
+                recipe: Recipe | None = None, fixed: str | None = None, k=5, k_prime=5, max_images: int | None = 2048,
+                seed: int = 0, keep_per_layer: int = 0, device=None) -> pd.DataFrame:
+    """ChannelPrune at each percentage, then fine-tune (`recipe`, default 1 epoch at lr 0.02; with
+    `fixed`, the pruned model's spatial filters are fixed at that init first, as the paper's runs).
+    The first row (pct 0) is the unpruned model."""
+    for pct in pcts:
+        check_pct(pct)
+    if fixed is not None:
+        _canonical_init(fixed)
+    recipe = recipe if recipe is not None else Recipe(epochs=1, lr=0.02, flip=train.name != "digits")
+    model = copy.deepcopy(model).cpu().eval()
+    example = train.normalize(train.images[:64])
+
+    def row(pct, m, acc_before, seconds):
+        r = _relative(m, train, test, k, k_prime)
+        return {"pct": pct, "kernels": sum(c.weight[:, :, 0, 0].numel() for _, c in spatial_convs(m)),
+                "params": sum(p.numel() for p in m.parameters()), "latency_ms": latency_ms(m, example),
+                "acc_before_finetune": acc_before, "acc": r["acc_full"], "relative": r["relative"],
+                "finetune_seconds_per_epoch": seconds}
+
+    rows = [{**row(0, model, accuracy(predict(model, test), test.labels), float("nan")),
+             "macs": macs_and_params(model, example[:1])[0]}]
+    for pct in pcts:
+        pruned, report = channel_prune(model, train, pct, saliency, max_images=max_images, seed=seed,
+                                       keep_per_layer=keep_per_layer, device=device)
+        acc_before = accuracy(predict(pruned, test), test.labels)
+        if fixed is not None:
+            fix_spatial_filters(pruned, fixed, seed=seed)
+        start = time.perf_counter()
+        if recipe.epochs:
+            train_classifier(pruned, train, recipe, device, seed, progress=False)
+        seconds = (time.perf_counter() - start) / max(recipe.epochs, 1) if recipe.epochs else float("nan")
+        rows.append({**row(pct, pruned.cpu().eval(), acc_before, seconds), "macs": report["macs_after"]})
+    return pd.DataFrame(rows)
+
+
+def class_subset_table(model: FeatureModel, train: ImageSplit, test: ImageSplit, subsets, pct: float = 90,
+                       recipe: Recipe | None = None, seed: int = 0) -> pd.DataFrame:
+    """One `class_subset_model` report per class subset (e.g. ["cat,dog", "airplane,ship,truck"])."""
+    rows = []
+    for subset in subsets:
+        _, report = class_subset_model(model, train, subset, pct, recipe=recipe, test=test, seed=seed)
+        rows.append({"classes": "+".join(report["classes"]), "pct": pct,
+                     **{k: report[k] for k in ("params_full", "params_small", "macs_full", "macs_small",
+                                               "latency_ms_full", "latency_ms_small", "acc_full", "acc_pruned",
+                                               "acc_finetuned")}})
+    return pd.DataFrame(rows)
