@@ -15,16 +15,18 @@ checked on a probe image (head(phi) must equal the logits); anything else is wra
 "timm:vit_tiny_patch16_224", ...), `model_family(name)` names its family, and
 `load_cifar_resnet(path)` reads the legacy CIFAR-10 checkpoints of Idelbayev's
 pytorch_resnet_cifar10 exactly.
+
+About 420 lines: the split, its check on a probe image and its refusals are one concept and
+read best together; the CIFAR ResNets (cifar_resnet.py), reading checkpoints (checkpoints.py)
+and models by name with their weights' preprocessing and families (zoo.py) live apart and are
+re-exported here.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import hashlib
-import math
-import pickle
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,121 +34,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# --------------------------------------------------------------------------------------
-# CIFAR ResNet-(6n+2) of He et al. with the option-A shortcut (strided subsampling +
-# zero-padded channels). Parameter names match the shared checkpoints.
-
-
-class ZeroPadShortcut(nn.Module):
-    """Option A: keep every other pixel and pad the new channels with zeros (no weights)."""
-
-    def __init__(self, extra_channels: int):
-        super().__init__()
-        self.extra = extra_channels
-
-    def forward(self, x):
-        x = x[:, :, ::2, ::2]
-        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        needs_projection = stride != 1 or in_planes != planes
-        self.shortcut = ZeroPadShortcut(planes - in_planes) if needs_projection else nn.Identity()
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 images: 16/32/64 channels, global average pool, `linear`."""
-
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
-        super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, ...); got {depth}")
-        n = (depth - 2) // 6
-        self.depth = depth
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        widths, in_planes, layers = (16, 32, 64), 16, []
-        for stage, planes in enumerate(widths):
-            blocks = []
-            for b in range(n):
-                blocks.append(BasicBlock(in_planes, planes, 2 if (stage > 0 and b == 0) else 1))
-                in_planes = planes
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = layers
-        self.linear = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight)
-
-    def forward_maps(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
-
-    def forward(self, x):
-        return self.linear(self.forward_maps(x).mean((2, 3)))
-
-
-CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
-TORCHVISION_RESNET_DEPTHS = (18, 34, 50, 101, 152)  # "resnet50" is torchvision's; "cifar_resnet50" the CIFAR one
-
-
-def load_cifar_resnet(path: str | Path, depth: int | None = None, num_classes: int = 10,
-                      trust_checkpoint: bool = False) -> CifarResNet:
-    """Load a pytorch_resnet_cifar10 checkpoint (`module.` prefix, CUDA tensors, a `best_prec1`).
-
-    The depth is read from the checkpoint when not given. The file is read with
-    `read_checkpoint`: tensors only, unless `trust_checkpoint=True`.
-    """
-    state = read_state_dict(path, trust_checkpoint)
-    blocks = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
-    found_depth = 6 * len(blocks) + 2 if blocks else None
-    if depth is None:
-        if found_depth is None:
-            raise ValueError(f"checkpoint {path} has no CIFAR ResNet keys (layer1.N...); it does not match the CIFAR ResNet family")
-        depth = found_depth
-    elif found_depth is not None and found_depth != depth:
-        raise ValueError(f"checkpoint {path} is a ResNet-{found_depth}, not the requested ResNet-{depth}; use --model resnet{found_depth}")
-    if "linear.weight" in state:
-        num_classes = state["linear.weight"].shape[0]
-    model = CifarResNet(depth, num_classes)
-    load_state_dict_checked(model, state, str(path))
-    return model
-
-
-def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
-    """`load_state_dict(strict=True)` with an error that lists what does not match."""
-    own = model.state_dict()
-    state = dict(state)
-    for k in own:  # checkpoints from before PyTorch 0.4.1 lack BatchNorm's step counter
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = own[k]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes[:3]))
-        raise ValueError(f"checkpoint {source} does not match {type(model).__name__}: " + ", ".join(parts)
-                         + ". Pick the model the checkpoint was saved from.")
-    model.load_state_dict(state)
-
+from .checkpoints import (  # noqa: F401 -- re-exported: models.read_checkpoint etc. keep working
+    UntrustedCheckpointError,
+    load_state_dict_checked,
+    read_checkpoint,
+    read_state_dict,
+)
+from .cifar_resnet import (  # noqa: F401 -- re-exported
+    CIFAR_DEPTHS,
+    TORCHVISION_RESNET_DEPTHS,
+    BasicBlock,
+    CifarResNet,
+    ZeroPadShortcut,
+    load_cifar_resnet,
+)
+from .zoo import (  # noqa: F401 -- re-exported
+    TORCHVISION_MODELS,
+    model_family,
+    timm_preprocessing,
+    torchvision_weights,
+    weights_input_size,
+    weights_preprocessing,
+)
 
 # --------------------------------------------------------------------------------------
 # The common view
@@ -451,54 +360,6 @@ def _probing(model: nn.Module, x: torch.Tensor, name: str):
             m.training = mode
 
 
-# Every torchvision family of the paper, by the names torchvision uses.
-TORCHVISION_MODELS = ("resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
-                      "densenet121", "densenet161", "densenet169", "densenet201",
-                      "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3")
-
-
-def torchvision_weights(name: str, pretrained: bool | str):
-    """The torchvision weights entry: its DEFAULT for True, else the one named (e.g. "IMAGENET1K_V1",
-    the 2021 weights the paper used; DEFAULT is newer for the ResNets and EfficientNet-B1)."""
-    import torchvision.models as tvm
-    entries = tvm.get_model_weights(name)
-    if pretrained is True:
-        return entries.DEFAULT
-    try:
-        return entries[pretrained]
-    except KeyError:
-        raise ValueError(f"{name} has no torchvision weights named {pretrained!r}: choose one of "
-                         f"{[e.name for e in entries]} (or pretrained=True for the default)") from None
-
-
-def weights_input_size(weights) -> tuple[int, int, str]:
-    """(resize, crop, interpolation) of the evaluation transform the weights were published with
-    (EfficientNet's weights were evaluated with bicubic resizing, the others with bilinear)."""
-    transform = weights.transforms()
-    return transform.resize_size[0], transform.crop_size[0], transform.interpolation.value
-
-
-def timm_preprocessing(model: nn.Module) -> tuple[tuple[int, int, str], tuple, tuple]:
-    """((resize, crop, interpolation), mean, std) of timm's evaluation transform for `model`'s
-    pretrained config (`timm.data.resolve_data_config`): resize = floor(crop / crop_pct)."""
-    from timm.data import resolve_data_config
-    cfg = resolve_data_config({}, model=model)
-    _, height, width = cfg["input_size"]
-    if height != width:
-        raise ValueError(f"timm model {model.pretrained_cfg.get('architecture')} expects {height}x{width} images; "
-                         "image folders are centre-cropped to squares only: use a model with a square input")
-    if cfg.get("crop_mode", "center") != "center":
-        warnings.warn(f"timm's config asks for crop_mode={cfg['crop_mode']!r}; images are resized and centre-cropped "
-                      "instead", stacklevel=2)
-    return (math.floor(height / cfg["crop_pct"]), height, cfg["interpolation"]), tuple(cfg["mean"]), tuple(cfg["std"])
-
-
-def weights_preprocessing(weights) -> tuple[tuple[int, int, str], tuple, tuple]:
-    """((resize, crop, interpolation), mean, std) of torchvision weights' evaluation transform."""
-    transform = weights.transforms()
-    return weights_input_size(weights), tuple(transform.mean), tuple(transform.std)
-
-
 def build_model(name: str, checkpoint: str | Path | None = None, num_classes: int | None = None,
                 in_channels: int = 3, pretrained: bool | str = False, trust_checkpoint: bool = False) -> FeatureModel:
     """Make a model by name and wrap it.
@@ -553,104 +414,6 @@ def build_model(name: str, checkpoint: str | Path | None = None, num_classes: in
     elif pretrained:
         wrapped.input_size, wrapped.mean, wrapped.std = weights_preprocessing(weights)
     return wrapped
-
-
-# The depth study's families: torchvision's module of the builder -> name (a few names split a module).
-TORCHVISION_FAMILIES = {"alexnet": "AlexNet", "convnext": "ConvNeXt", "densenet": "DenseNet",
-                        "efficientnet": "EfficientNet", "googlenet": "GoogLeNet", "inception": "Inception",
-                        "maxvit": "MaxViT", "mnasnet": "MNASNet", "mobilenetv2": "MobileNetV2",
-                        "mobilenetv3": "MobileNetV3", "regnet": "RegNet", "resnet": "ResNet (ImageNet)",
-                        "shufflenetv2": "ShuffleNetV2", "squeezenet": "SqueezeNet", "swin_transformer": "Swin",
-                        "vgg": "VGG", "vision_transformer": "ViT"}
-NAME_FAMILIES = (("wide_resnet", "Wide ResNet"), ("resnext", "ResNeXt"), ("efficientnet_v2", "EfficientNetV2"),
-                 ("swin_v2", "Swin V2"))
-
-
-def model_family(name: str) -> str:
-    """The family of a `build_model` name, for grouping a depth study: "resnet20" -> "ResNet (CIFAR)",
-    "regnet_y_400mf" -> "RegNet" (torchvision's module of the builder), "timm:convnext_atto.d2_in1k"
-    -> "convnext (timm)" (the prefix of timm's architecture name)."""
-    import torchvision.models as tvm
-
-    m = re.fullmatch(r"(cifar_)?resnet(\d+)", name)
-    if m and (m.group(1) or int(m.group(2)) not in TORCHVISION_RESNET_DEPTHS):
-        return "ResNet (CIFAR)"
-    if name.startswith("timm:"):
-        import timm
-        architecture = timm.models.split_model_name_tag(name[5:])[0]
-        if not timm.is_model(architecture):
-            raise ValueError(f"unknown timm model '{name[5:]}': see timm.list_models()")
-        prefix = re.match(r"(?:tf_|tv_)?([a-z]+v\d+|[a-z]+)", architecture)
-        return f"{prefix.group(1) if prefix else architecture} (timm)"
-    if name not in tvm.list_models(module=tvm):
-        raise ValueError(f"unknown model '{name}': use resnet<6n+2> (CIFAR), a torchvision classifier or timm:<name>")
-    for start, family in NAME_FAMILIES:
-        if name.startswith(start):
-            return family
-    module = tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1]
-    return TORCHVISION_FAMILIES.get(module, module)
-
-
-class UntrustedCheckpointError(ValueError):
-    """A checkpoint that holds more than tensors and plain containers: reading it would run its code."""
-
-
-def read_checkpoint(path: str | Path, trust_checkpoint: bool = False):
-    """The object saved in a checkpoint file, read without running any code from it.
-
-    `.safetensors` files are read by safetensors (tensors only, by design). Anything else is
-    read by `torch.load(weights_only=True)`, whose unpickler builds only tensors and plain
-    containers (dict, list, numbers, strings) and refuses every other object before making
-    it: a pickle can name any Python function to call, so a full unpickling would run
-    whatever code the file's author chose. Checkpoints that really need it (a whole pickled
-    model, custom classes) are refused unless `trust_checkpoint=True`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass the path of a weights file, "
-                                "e.g. ../shared/data/weights/resnet20-12fca82f.th")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"checkpoint {path} is not a readable safetensors file ({e}); "
-                             "is it complete?") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e).lower() and "weights only" not in str(e).lower():
-            raise ValueError(f"checkpoint {path} could not be read ({e}); is it a complete torch.save file?") from e
-        if not trust_checkpoint:
-            named = re.search(r"GLOBAL ([\w.]+)", str(e))
-            operand = re.search(r"Unsupported operand \d+", str(e))
-            detail = (f"it names the callable {named.group(1)}" if named else
-                      f"{operand.group(0)}: not a torch.save file of tensors" if operand else "see the cause below")
-            raise UntrustedCheckpointError(
-                f"checkpoint {path} holds Python objects other than tensors ({detail}); unpickling it would "
-                "run code named by the file. It was not loaded. If you trust its source, pass "
-                "trust_checkpoint=True (CLI: --trust-checkpoint), or better, re-save its state_dict "
-                "(torch.save(model.state_dict(), ...)) or as .safetensors.") from e
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
-                         "is it a complete torch.save file?") from e
-    try:  # trusted by the caller: a full unpickling
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
-                         "is it a complete torch.save file?") from e
-
-
-def read_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict:
-    """The state dict in a checkpoint (under "state_dict" or "model" when wrapped; `module.` prefix removed)."""
-    blob = read_checkpoint(path, trust_checkpoint)
-    state = blob.get("state_dict", blob.get("model", blob)) if isinstance(blob, dict) else blob
-    if isinstance(state, nn.Module):  # a whole pickled model (trusted)
-        state = state.state_dict()
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -1,0 +1,100 @@
+"""CIFAR ResNet-(6n+2) of He et al. (2016) with the option-A shortcut (strided subsampling +
+zero-padded channels), its parameter names those of the shared checkpoints, and
+`load_cifar_resnet` for the legacy CIFAR-10 checkpoints of Idelbayev's pytorch_resnet_cifar10.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoints import load_state_dict_checked, read_state_dict
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: keep every other pixel and pad the new channels with zeros (no weights)."""
+
+    def __init__(self, extra_channels: int):
+        super().__init__()
+        self.extra = extra_channels
+
+    def forward(self, x):
+        x = x[:, :, ::2, ::2]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        needs_projection = stride != 1 or in_planes != planes
+        self.shortcut = ZeroPadShortcut(planes - in_planes) if needs_projection else nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 images: 16/32/64 channels, global average pool, `linear`."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, ...); got {depth}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths, in_planes, layers = (16, 32, 64), 16, []
+        for stage, planes in enumerate(widths):
+            blocks = []
+            for b in range(n):
+                blocks.append(BasicBlock(in_planes, planes, 2 if (stage > 0 and b == 0) else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward_maps(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward(self, x):
+        return self.linear(self.forward_maps(x).mean((2, 3)))
+
+
+CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
+TORCHVISION_RESNET_DEPTHS = (18, 34, 50, 101, 152)  # "resnet50" is torchvision's; "cifar_resnet50" the CIFAR one
+
+
+def load_cifar_resnet(path: str | Path, depth: int | None = None, num_classes: int = 10,
+                      trust_checkpoint: bool = False) -> CifarResNet:
+    """Load a pytorch_resnet_cifar10 checkpoint (`module.` prefix, CUDA tensors, a `best_prec1`).
+
+    The depth is read from the checkpoint when not given. The file is read with
+    `read_checkpoint`: tensors only, unless `trust_checkpoint=True`.
+    """
+    state = read_state_dict(path, trust_checkpoint)
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
+    found_depth = 6 * len(blocks) + 2 if blocks else None
+    if depth is None:
+        if found_depth is None:
+            raise ValueError(f"checkpoint {path} has no CIFAR ResNet keys (layer1.N...); it does not match the CIFAR ResNet family")
+        depth = found_depth
+    elif found_depth is not None and found_depth != depth:
+        raise ValueError(f"checkpoint {path} is a ResNet-{found_depth}, not the requested ResNet-{depth}; use --model resnet{found_depth}")
+    if "linear.weight" in state:
+        num_classes = state["linear.weight"].shape[0]
+    model = CifarResNet(depth, num_classes)
+    load_state_dict_checked(model, state, str(path))
+    return model
