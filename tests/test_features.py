@@ -141,3 +141,122 @@ def test_features_are_pooled_in_float32_under_bf16_autocast():
     assert torch.equal(phi, maps.float().mean((2, 3)))
     assert _ties(maps.mean((2, 3)).float()) > len(split) // 2  # what pooling in bf16 gives
     assert _ties(phi) <= len(split) // 100  # float32 pooling: a coincidence at most (1 row here)
+
+
+def test_training_is_repeatable(tmp_path, monkeypatch):
+    from classfilters import Recipe, trained_model
+    from classfilters.models import fingerprint
+    train = open_dataset("digits", "train").subset(torch.arange(0, 1437, 5))
+    recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False)
+    prints = []
+    for run in range(2):  # two cold runs: empty cache each time
+        monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path / f"cache{run}"))
+        prints.append(fingerprint(trained_model("resnet8", train, recipe, seed=3, progress=False)))
+    assert prints[0] == prints[1]
+
+
+def test_one_pass_for_several_models_equals_each_alone(digits_model):
+    from classfilters import build_model, extract_features_many
+    torch.manual_seed(1)
+    other = build_model("resnet14", num_classes=10, in_channels=1)
+    test = open_dataset("digits", "test")
+    reads = []
+    streamed = ImageSplit(test.labels, test.classes, "streamed-digits", "streamed-digits-many",
+                          dataset=Exploding(test), mean=test.mean, std=test.std)
+    from classfilters import features
+
+    def counting(split, batch_size, start=0, stop=None, num_workers=0, device=None):
+        for images in _serial_batches(split, batch_size, start, stop):
+            reads.append(len(images))
+            yield images
+
+    original = features.batches
+    features.batches = counting
+    try:
+        both = extract_features_many({"a": digits_model, "b": other}, streamed, batch_size=64, progress=False)
+    finally:
+        features.batches = original
+    assert sum(reads) == len(test)  # the images were read once for both models
+    for name, model in (("a", digits_model), ("b", other)):
+        alone = extract_features(model, test, use_cache=False, progress=False)
+        assert torch.allclose(both[name], alone, atol=1e-5)
+
+
+def test_training_out_of_memory_goes_on_in_micro_batches(monkeypatch, capsys):
+    from classfilters import Recipe, build_model, train_classifier
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+    sizes = limit_memory(monkeypatch, model, "forward", 20)
+    train = open_dataset("digits", "train").subset(torch.arange(0, 1437, 4))
+    train_classifier(model, train, Recipe(epochs=3, batch_size=64, lr=0.05, flip=False), device="cpu", progress=False)
+    assert max(s for s in sizes if s <= 20) == 16
+    assert "micro-batches of 16" in capsys.readouterr().err
+    assert sizes.count(64) == 1 and max(sizes[3:]) == 16  # the reduced size is carried on
+    assert all(h is None for h in sizes.handling)  # retried after the handler: the failed pass was freed
+    monkeypatch.undo()
+    test = open_dataset("digits", "test")
+    phi = extract_features(model, test, use_cache=False, progress=False, device="cpu")
+    assert (model.head(phi).argmax(1) == test.labels).float().mean() > 0.5
+
+
+def test_compiled_training_equals_eager():
+    """`Recipe(compile=True)` (torch.compile; CUDA graphs on a GPU) trains the same model."""
+    from classfilters import Recipe, build_model, train_classifier
+    train = open_dataset("digits", "train").subset(torch.arange(0, 256))
+    states = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model("resnet8", num_classes=10, in_channels=1)
+        recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False, compile=compiled)
+        train_classifier(model, train, recipe, device="cpu", progress=False)
+        states.append(model.state_dict())
+    torch.manual_seed(0)
+    initial = build_model("resnet8", num_classes=10, in_channels=1).state_dict()
+    assert not torch.allclose(states[0]["head.weight"], initial["head.weight"], atol=1e-3)  # it did train
+    for name, value in states[0].items():
+        assert torch.allclose(value.float(), states[1][name].float(), atol=1e-4), name
+
+
+def test_compiled_training_sees_equal_batches_and_marks_steps(monkeypatch):
+    """`Recipe(compile=True)`: every step gets exactly batch_size images (100 = 64 + 36: the last batch is
+    topped up), so CUDA graphs are recorded once, and each step is marked for them. torch.compile is
+    replaced by a recorder here: the batching is what is under test."""
+    from classfilters import Recipe, build_model, train_classifier
+    seen, marks = [], []
+
+    def recording_compile(net, mode=None):
+        def run(x):
+            seen.append(len(x))
+            return net(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    train = open_dataset("digits", "train").subset(torch.arange(100))
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+    train_classifier(model, train, Recipe(epochs=2, batch_size=64, lr=0.05, compile=True), device="cpu",
+                     progress=False)
+    assert seen == [64] * 4 and len(marks) == 4
+    seen.clear()
+    train_classifier(model, train, Recipe(epochs=1, batch_size=64, lr=0.05), device="cpu", progress=False)
+    assert seen == []  # not compiled: nothing recorded (and eager batches keep their natural sizes)
+
+
+def test_training_loss_is_float32_on_bf16_logits(monkeypatch):
+    """The cross-entropy gets float32 logits even when the network returns bf16 ones (outside autocast)."""
+    import torch.nn.functional as F
+
+    from classfilters import train
+    dtypes = []
+    original = F.cross_entropy
+
+    def recording(logits, *args, **kwargs):
+        dtypes.append(logits.dtype)
+        return original(logits, *args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", recording)
+    net = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    x, y = torch.randn(5, 4, dtype=torch.bfloat16), torch.tensor([0, 1, 2, 0, 1])
+    loss = train._chunk_loss(net, net, 5, x, y, weight=1 / 5, smoothing=0.0, bf16=False)
+    assert dtypes == [torch.float32] and loss.dtype == torch.float32
