@@ -93,7 +93,10 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
         from torch.nn.parallel import DistributedDataParallel
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # no buffer broadcast in forward (a collective a rank out of memory would miss): rank 0's
+        # BatchNorm statistics are broadcast once, at the end (training uses the batch's statistics)
+        net = ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            forward_sync_buffers=False)
     if recipe.compile and recipe.batch_size < size:
         raise ValueError(f"batch_size {recipe.batch_size} is smaller than the {size} processes: every rank needs images")
     eager = net
@@ -182,7 +185,7 @@ def step_in_micro_batches(opt, x, y, micro: int, chunk_loss, extra_loss=None, dd
         opt.zero_grad(set_to_none=True)  # the failed pass is gone: free its blocks, then retry smaller
         if micro == 1:
             raise torch.cuda.OutOfMemoryError("out of GPU memory with micro-batches of one image (on some rank)")
-        micro //= 2
+        micro = max(1, _agreed(min(micro, len(x)), ddp) // 2)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         tqdm.write(f"out of GPU memory: going on with micro-batches of {micro} (gradients accumulated)",
