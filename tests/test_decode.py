@@ -107,3 +107,18 @@ def test_gpu_decode_waits_for_the_current_stream(monkeypatch):
     monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda blobs, mode, device: events.append("decode") or [])
     decode._decode_jpeg_batch([torch.zeros(3, dtype=torch.uint8)], torch.device("cuda"))
     assert events == ["synchronize", "decode"]
+
+
+def test_a_subset_of_a_folder_keeps_the_folder_decode_path(tmp_path):
+    """`subset` of a lazily decoded folder is still a `FolderImages` (so `max_train` keeps the GPU's
+    batched decoding), with the chosen images and labels, and its own fingerprint."""
+    from classfilters.features import batches
+    _fake_folder(tmp_path)
+    split = load_image_folder(tmp_path, "val")
+    part = split.subset(torch.tensor([1, 3, 4]))
+    assert isinstance(part.dataset, FolderImages) and len(part) == 3
+    assert part.labels.tolist() == [0, 1, 1] and part.dataset.labels == [0, 1, 1]
+    assert part.fingerprint not in (split.fingerprint, split.subset(torch.tensor([1, 3, 5])).fingerprint)
+    reference = torch.stack([split.dataset[i][0] for i in (1, 3, 4)])
+    assert torch.equal(torch.cat(list(decode_folder_batches(part.dataset, 2, 0, 3, "cpu"))), reference)
+    assert torch.equal(torch.cat(list(batches(part, 2, num_workers=0))), reference)
