@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .decomposed import DecomposedHead, accuracy
+from .decomposed import DecomposedHead, accuracy, head_on
 from .influence import InfluentialFeatures
 
 
@@ -24,25 +24,28 @@ def non_influential_mask(influence: InfluentialFeatures, seed: int = 0) -> torch
     for c in range(mask.shape[0]):
         outside = (~mask[c]).nonzero().flatten()
         size = min(int(mask[c].sum()), len(outside))
-        out[c, outside[torch.randperm(len(outside), generator=gen)[:size]]] = True
+        out[c, outside[torch.randperm(len(outside), generator=gen, device="cpu")[:size].to(mask.device)]] = True
     return out
 
 
 def with_noise(features: torch.Tensor, replace: torch.Tensor, mean: torch.Tensor | float = 0.0,
                std: torch.Tensor | float = 1.0, seed: int = 0) -> torch.Tensor:
-    """`features` with the entries where `replace` (N, D) is True drawn from N(mean, std)."""
+    """`features` with the entries where `replace` (N, D) is True drawn from N(mean, std), on the
+    features' device (the noise is drawn on the CPU: the same draw on every device)."""
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(features.shape, generator=gen) * std + mean
-    return torch.where(replace, noise.to(features.dtype), features)
+    noise = torch.randn(features.shape, generator=gen, device="cpu").to(features.device)
+    noise = noise * torch.as_tensor(std, device=features.device) + torch.as_tensor(mean, device=features.device)
+    return torch.where(replace.to(features.device), noise.to(features.dtype), features)
 
 
 @torch.no_grad()
 def noise_ablation(head: nn.Linear, influence: InfluentialFeatures, test_features: torch.Tensor,
                    test_labels: torch.Tensor, train_features: torch.Tensor, seed: int = 0) -> list[dict]:
     """Accuracies with influential vs non-influential features replaced by noise, both variants."""
-    head = head.cpu().float()
+    head = head_on(head, test_features.device)  # a copy: the model's head stays where it is
     labels = test_labels.long()
-    sets = {"influential": influence.mask[labels], "non-influential": non_influential_mask(influence, seed)[labels]}
+    sets = {"influential": influence.mask[labels.cpu()],
+            "non-influential": non_influential_mask(influence, seed)[labels.cpu()]}
     mean, std = train_features.mean(0), train_features.std(0)
     decomposed = DecomposedHead(head, influence)
     rows = [{"variant": "none", "head": name, "replaced": "nothing", "accuracy": accuracy(h(test_features), labels)}
