@@ -45,9 +45,10 @@ def machine() -> dict:
     return info
 
 
-def record(name: str, rows: list[dict]) -> Path:
-    """Write the rows and the machine to benchmarks/results/<name>-<device>.json and print them."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def record(name: str, rows: list[dict], device: str | None = None) -> Path:
+    """Write the rows and the machine to benchmarks/results/<name>-<device>.json and print them
+    (`device`: the one measured, e.g. the `--device` flag; default: cuda where there is one)."""
+    device = torch.device(device).type if device else "cuda" if torch.cuda.is_available() else "cpu"
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}-{device}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows}, indent=1))

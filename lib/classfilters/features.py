@@ -97,7 +97,7 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
     decoded and normalised once and fed to every model (a depth study's 13 models share it)."""
     device = torch.device(device) if device is not None else default_device()
     bf16 = (device.type == "cuda") if bf16 is None else bf16
-    keys = {name: {"model": fingerprint(m), "data": split.fingerprint, "mean": split.mean, "std": split.std,
+    keys = {name: {"model": fingerprint(m) if use_cache else name, "data": split.fingerprint, "mean": split.mean, "std": split.std,
                    "precision": "bf16" if bf16 else "fp32", "memory_format": "channels_last", "n": len(split)}
             for name, m in models.items()}
     result = {}
@@ -123,7 +123,7 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
         check_features(phi, f"{m.name} on {split.name}")
         if use_cache and rank == 0:
             cache.save("features", keys[name], {"features": phi})
-        for i in range(parts):  # the saved progress is no longer needed once the whole result is
+        for i in range(parts if use_cache else 0):  # the saved progress is no longer needed once the whole result is
             cache.entry_path("features-part", {**part_keys[name], "part": i}).unlink(missing_ok=True)
         result[name] = phi
     return {name: result[name] for name in models}
