@@ -26,8 +26,22 @@ def test_parameters_are_injected_after_the_tagged_cell(tmp_path):
     namespace_probe = tmp_path / "probe.ipynb"
     _notebook(namespace_probe, [("code", ["parameters"], "profile = 'demo'"),
                                 ("code", [], f"open({str(tmp_path / 'out')!r}, 'w').write(profile)\nprint('hi')")])
-    barerun.execute(namespace_probe, {"profile": "cifar10"}, log, tmp_path)
+    assert barerun.execute(namespace_probe, {"profile": "cifar10"}, log, tmp_path) == []
     assert (tmp_path / "out").read_text() == "cifar10" and "hi" in log.read_text()
+
+
+def test_interactive_only_cells_are_skipped_other_failures_named(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # as on a bare machine: not installed
+    nb = tmp_path / "02_y.ipynb"
+    _notebook(nb, [("code", [], "import ipywidgets"),
+                   ("code", [], "x = 1")])
+    assert barerun.execute(nb, {}, tmp_path / "log", tmp_path) == ["cell 2: needs ipywidgets (interactive only)"]
+    _notebook(nb, [("code", [], "import not_a_module_anywhere")])
+    with pytest.raises(RuntimeError, match="02_y, ModuleNotFoundError"):
+        barerun.execute(nb, {}, tmp_path / "log", tmp_path)
 
 
 def test_commit_from_a_file_without_git(tmp_path, monkeypatch):

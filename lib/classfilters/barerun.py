@@ -9,7 +9,8 @@ cells are executed in order in this process, in one namespace per notebook, with
 backend. Tables and figures land in figures/<profile>/ as with `classfilters.runner`, each
 notebook's printed output in runs/<profile>/<notebook>.log, and provenance.json records the commit
 (from git, else a COMMIT file at the repository root, else $CLASSFILTERS_COMMIT), device, library
-versions and seconds per notebook. Stops at the first failing cell, naming notebook and cell.
+versions and seconds per notebook. A cell that needs an interactive-only module (ipywidgets,
+IPython) is skipped, saying so; any other failure stops the run, naming notebook and cell.
 """
 from __future__ import annotations
 
@@ -62,12 +63,17 @@ def display(*objects, **_):
         print(obj.to_string() if hasattr(obj, "to_string") else obj)
 
 
-def execute(notebook: Path, parameters: dict, log_path: Path, cwd: Path) -> None:
-    """Run the code cells of `notebook` in order; raises RuntimeError naming the failing cell."""
+INTERACTIVE_ONLY = ("ipywidgets", "IPython", "ipykernel")  # nothing to show without a notebook front end
+
+
+def execute(notebook: Path, parameters: dict, log_path: Path, cwd: Path) -> list[str]:
+    """Run the code cells of `notebook` in order; raises RuntimeError naming the failing cell.
+    Returns the cells skipped for want of an interactive-only module."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     namespace = {"__name__": "__main__", "display": display}
+    skipped = []
     old_cwd = os.getcwd()
     os.chdir(cwd)
     try:
@@ -77,6 +83,11 @@ def execute(notebook: Path, parameters: dict, log_path: Path, cwd: Path) -> None
                 try:
                     with contextlib.redirect_stdout(buffer):
                         exec(compile(source, f"{notebook.name}[cell {number}]", "exec"), namespace)  # noqa: S102
+                except ModuleNotFoundError as e:
+                    if (e.name or "").split(".")[0] not in INTERACTIVE_ONLY:
+                        raise
+                    skipped.append(f"cell {number}: needs {e.name} (interactive only)")
+                    buffer.write(f"skipped: {skipped[-1]}\n")
                 finally:
                     log.write(f"----- cell {number}\n{buffer.getvalue()}")
                     log.flush()
@@ -85,6 +96,7 @@ def execute(notebook: Path, parameters: dict, log_path: Path, cwd: Path) -> None
     finally:
         os.chdir(old_cwd)
         plt.close("all")
+    return skipped
 
 
 def run(profile: str, only: str | None = None, overrides: dict | None = None, figures_dir: Path | None = None,
@@ -111,8 +123,10 @@ def run(profile: str, only: str | None = None, overrides: dict | None = None, fi
         log(f"[{name}] {nb.stem} ...")
         t0 = time.time()
         try:
-            execute(nb, parameters, runs_dir / f"{nb.stem}.log", root)
-            entry = {"status": "ok"}
+            skipped = execute(nb, parameters, runs_dir / f"{nb.stem}.log", root)
+            entry = {"status": "ok", **({"skipped": skipped} if skipped else {})}
+            for note in skipped:
+                log(f"[{name}] {nb.stem}: {note}, skipped")
         except RuntimeError as e:
             entry = {"status": "failed", "error": str(e).splitlines()[0]}
             log(f"[{name}] {nb.stem} FAILED: {e}\n  printed output: {runs_dir / (nb.stem + '.log')}")
