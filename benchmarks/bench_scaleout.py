@@ -85,7 +85,7 @@ def main():
                                                                                       // args.processes),
                          "one_process_s": one["seconds"], "n_processes_s": many["seconds"],
                          "one_process_img_s": n / one["seconds"], "n_processes_img_s": n / many["seconds"],
-                         "speedup": one["seconds"] / many["seconds"], "max_difference": difference}])
+                         "speedup": one["seconds"] / many["seconds"], "max_difference": difference}], device=args.device)
 
 
 if __name__ == "__main__":

@@ -71,12 +71,14 @@ def main():
             os.symlink(photo, folder / f"{i:06d}.JPEG")
         split = open_dataset(f"imagefolder:{tmp}", "val")
         n, bs = len(split), args.batch_size
-        shape = (min(bs, n), 3, 224, 224)
-        random_batches = [torch.randn(shape, device=device)] * (-(-n // bs))
+        # exactly n images, as the one pass sees (n // bs full batches and the rest)
+        full = torch.randn(min(bs, n), 3, 224, 224, device=device)
+        random_batches = [full] * (n // bs) + ([full[:n % bs]] if n % bs else [])
         for m in models.values():  # warm-up (cuDNN picks its algorithms) outside every timing
             run_model(m, random_batches[:1], device, bf16)
 
         own = {name: timed(lambda m=m: run_model(m, random_batches, device, bf16), sync) for name, m in models.items()}
+        # use_cache=False: no fingerprint() of the models (hashing every weight) inside the timing
         one_pass = timed(lambda: extract_features_many(models, split, bs, device, use_cache=False, progress=False), sync)
         mean, std = torch.tensor(split.mean, device=device)[:, None, None], torch.tensor(split.std, device=device)[:, None, None]
 
@@ -93,7 +95,7 @@ def main():
     rows.append({"path": f"{len(models)} models, one PIL DataLoader each (sum, baseline)", "images": n, "seconds": total_pil})
     rows.append({"path": f"{len(models)} models from one decode pass (extract_features_many)", "images": n,
                  "seconds": one_pass, "efficiency": total_own / one_pass, "speedup": total_pil / one_pass})
-    record("study", rows)
+    record("study", rows, device=args.device)
 
 
 if __name__ == "__main__":

@@ -46,20 +46,22 @@ def machine() -> dict:
     return info
 
 
-def machine_slug() -> str:
+def machine_slug(device: str | None = None) -> str:
     """A file-name part that differs between machines: the GPU's name, or the CPU's vendor, family and
-    model (e.g. cpu-amd-f25-m17 for a Zen 4 EPYC), so results from different machines never overwrite."""
-    if torch.cuda.is_available():
+    model (e.g. cpu-amd-f25-m17 for a Zen 4 EPYC), so results from different machines never overwrite.
+    `device`: the one measured (e.g. the `--device` flag; default: cuda where there is one)."""
+    kind = torch.device(device).type if device else "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
         return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     cpu = cpu_info()
     vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(cpu["vendor"], str(cpu["vendor"]).lower())
     return f"cpu-{vendor}-f{cpu['family']}-m{cpu['model']}"
 
 
-def record(name: str, rows: list[dict]) -> Path:
-    """Write the rows and the machine to benchmarks/results/<name>-<machine_slug>.json and print them."""
+def record(name: str, rows: list[dict], device: str | None = None) -> Path:
+    """Write the rows and the machine to benchmarks/results/<name>-<machine_slug(device)>.json and print them."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}-{machine_slug()}.json"
+    path = RESULTS / f"{name}-{machine_slug(device)}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows}, indent=1))
     for row in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

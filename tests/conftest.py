@@ -21,6 +21,22 @@ def _session_cache(tmp_path_factory):
         os.environ["CLASSFILTERS_CACHE"] = old
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_by_default():
+    """The library's default device is the GPU (bf16) where there is one; the tests' tolerances are
+    float32 CPU ones, so they run on the CPU there too (benchmarks/gpu_smoke.py checks the GPU paths).
+    CLASSFILTERS_TEST_DEVICE=default keeps the library's choice."""
+    if os.environ.get("CLASSFILTERS_TEST_DEVICE") == "default":
+        yield
+        return
+    import importlib
+    with pytest.MonkeyPatch.context() as patch:
+        for module in ("features", "train", "csg"):
+            patch.setattr(importlib.import_module(f"classfilters.{module}"), "default_device",
+                          lambda: torch.device("cpu"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (or $CLASSFILTERS_SHARED_DATA): skipped where absent, required in CI."""

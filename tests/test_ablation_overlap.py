@@ -157,3 +157,35 @@ def test_committed_index_sets_under_the_papers_definition(folder, paper_definiti
     assert mean_over_all_class_pairs(mi) == pytest.approx(paper_definition, abs=5e-5)
     assert mean_pairwise(mi) == pytest.approx(ours, abs=5e-5)
     assert abs(mean_over_all_class_pairs(mi) - 0.0345) < 0.001
+
+
+def test_grid_noise_and_heads_stay_on_the_features_device(monkeypatch):
+    """grid_accuracy, with_noise and noise_ablation build their tensors on the features' device and
+    never move the head they are given. Checked without a GPU: under a `meta` default device every
+    tensor made without an explicit device would be a meta tensor and the CPU computation would fail."""
+    from conftest import planted
+    from torch import nn
+
+    from classfilters import influential_features
+    from classfilters.ablation import noise_ablation, with_noise
+    from classfilters.decomposed import evaluate, grid_accuracy
+    features, labels = planted()
+    torch.manual_seed(0)
+    head = nn.Linear(32, 6)
+    influence = influential_features(features, labels, 3, 3)
+    replace, mean, std = torch.rand(features.shape) < 0.3, features.mean(0), features.std(0)
+    mask = influence.mask  # influence.py makes its CPU masks on the default device: made here, beforehand
+    monkeypatch.setattr(type(influence), "mask", property(lambda self: mask))
+    grid = grid_accuracy(features, labels, features, labels, head, [1, 3], [1, 2])
+    noisy = with_noise(features, replace, mean, std)
+    rows = noise_ablation(head, influence, features, labels, features)
+    scores = evaluate(head, influence, features, labels)
+    with torch.device("meta"):
+        assert torch.equal(grid_accuracy(features, labels, features, labels, head, [1, 3], [1, 2]), grid)
+        assert torch.equal(with_noise(features, replace, mean, std), noisy)
+        assert noise_ablation(head, influence, features, labels, features) == rows
+        assert evaluate(head, influence, features, labels) == scores
+    head.double()  # the head given is copied, never converted (or moved) in place
+    noise_ablation(head, influence, features, labels, features)
+    evaluate(head, influence, features, labels)
+    assert head.weight.dtype == torch.float64

@@ -60,3 +60,65 @@ def test_corrupt_file_is_named(tmp_path):
     split = load_image_folder(tmp_path, "val")
     with pytest.raises(DatasetError, match="could not be decoded"):
         list(decode_folder_batches(split.dataset, 4, 0, len(split), "cpu"))
+
+
+def _cmyk_jpeg(path, gen):
+    from PIL import Image
+    rgb = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=gen).numpy()
+    Image.fromarray(rgb).convert("CMYK").save(path, "JPEG", quality=95)
+
+
+def test_a_batch_the_gpu_decoder_refuses_is_decoded_image_by_image(tmp_path, monkeypatch):
+    """nvJPEG refuses CMYK JPEGs (ImageNet's train split has some): the batch falls back to per-image
+    CPU decoding and equals the reference path; a file that fails there too is named. The GPU
+    decoder's refusal is simulated, so this runs on the CPU."""
+    from classfilters import decode
+    _fake_folder(tmp_path)
+    _cmyk_jpeg(tmp_path / "val" / "n01" / "3.JPEG", torch.Generator().manual_seed(1))
+    split = load_image_folder(tmp_path, "val")
+    reference = torch.stack([split.dataset[i][0] for i in range(len(split))])
+    calls = []
+
+    def refusing(blobs, device):
+        calls.append(len(blobs))
+        raise RuntimeError("nvjpegDecodeBatchedInitialize failed: NVJPEG_STATUS_JPEG_NOT_SUPPORTED (simulated)")
+
+    monkeypatch.setattr(decode, "_decode_jpeg_batch", refusing)
+    batched = torch.cat(list(decode_folder_batches(split.dataset, 4, 0, len(split), "cpu")))
+    assert calls == [3, 2] and torch.equal(batched, reference)
+    (tmp_path / "val" / "n02" / "1.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DatasetError, match=r"n02/1.JPEG could not be decoded"):
+        list(decode_folder_batches(split.dataset, 4, 0, len(split), "cpu"))
+
+
+def test_gpu_decode_waits_for_the_current_stream(monkeypatch):
+    """Before each nvJPEG decode the current CUDA stream is synchronised (checked without a GPU:
+    the CUDA calls are replaced by recorders)."""
+    import torchvision.io
+
+    from classfilters import decode
+    events = []
+
+    class Stream:
+        def synchronize(self):
+            events.append("synchronize")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda blobs, mode, device: events.append("decode") or [])
+    decode._decode_jpeg_batch([torch.zeros(3, dtype=torch.uint8)], torch.device("cuda"))
+    assert events == ["synchronize", "decode"]
+
+
+def test_a_subset_of_a_folder_keeps_the_folder_decode_path(tmp_path):
+    """`subset` of a lazily decoded folder is still a `FolderImages` (so `max_train` keeps the GPU's
+    batched decoding), with the chosen images and labels, and its own fingerprint."""
+    from classfilters.features import batches
+    _fake_folder(tmp_path)
+    split = load_image_folder(tmp_path, "val")
+    part = split.subset(torch.tensor([1, 3, 4]))
+    assert isinstance(part.dataset, FolderImages) and len(part) == 3
+    assert part.labels.tolist() == [0, 1, 1] and part.dataset.labels == [0, 1, 1]
+    assert part.fingerprint not in (split.fingerprint, split.subset(torch.tensor([1, 3, 5])).fingerprint)
+    reference = torch.stack([split.dataset[i][0] for i in (1, 3, 4)])
+    assert torch.equal(torch.cat(list(decode_folder_batches(part.dataset, 2, 0, 3, "cpu"))), reference)
+    assert torch.equal(torch.cat(list(batches(part, 2, num_workers=0))), reference)

@@ -80,16 +80,25 @@ def test_nan_features_are_reported():
         check_features(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
 
 
-def limit_memory(monkeypatch, model, method, largest):
-    """Make `model.method` raise CUDA out-of-memory above `largest` images; returns the sizes it saw."""
-    original = getattr(model, method)
-    sizes = []
+class Sizes(list):
+    """The batch sizes a model saw, and (`handling`) the exception being handled at each call."""
+    handling: list
 
-    def small_memory(x):
+
+def limit_memory(monkeypatch, model, method, largest):
+    """Make `model.method` raise CUDA out-of-memory above `largest` images; returns the sizes it saw.
+    Each call also records whether an exception was being handled (a retry inside an `except`)."""
+    import sys
+    original = getattr(model, method)
+    sizes = Sizes()
+    sizes.handling = []
+
+    def small_memory(x, *args):
         sizes.append(len(x))
+        sizes.handling.append(sys.exc_info()[0])
         if len(x) > largest:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(x)
+        return original(x, *args)
 
     monkeypatch.setattr(model, method, small_memory)
     return sizes
@@ -98,11 +107,40 @@ def limit_memory(monkeypatch, model, method, largest):
 def test_out_of_memory_backs_off_and_goes_on(digits_model, monkeypatch, capsys):
     test = open_dataset("digits", "test")
     direct = extract_features(digits_model, test, use_cache=False, progress=False)
-    sizes = limit_memory(monkeypatch, digits_model, "forward_features", 40)
+    sizes = limit_memory(monkeypatch, digits_model, "forward_maps", 40)
     backed_off = extract_features(digits_model, test, batch_size=128, use_cache=False, progress=True)
     assert torch.allclose(backed_off, direct, atol=1e-5)
     assert max(s for s in sizes if s <= 40) == 32
     assert "out of GPU memory at batch size 128: going on with 64" in capsys.readouterr().err
+    # the reduced size is carried to the next batches: 128 and 64 were tried once, never again
+    assert sizes[:3] == [128, 64, 32] and max(sizes[3:]) == 32
+    # every retry ran after the handler (no exception being handled), so the failed pass was freed
+    assert all(h is None for h in sizes.handling)
+
+
+def _ties(features: torch.Tensor) -> int:
+    """Rows in which two non-zero features are equal."""
+    return sum(len(set(r[r != 0].tolist())) < int((r != 0).sum()) for r in features)
+
+
+def test_features_are_pooled_in_float32_under_bf16_autocast():
+    """bf16 extraction (CPU autocast stands in for the GPU's): the body runs in bf16, the pooling in
+    float32, so the features equal the float32 mean of the body's bf16 maps and rounding makes no ties."""
+    from classfilters import build_model
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, in_channels=3).eval()
+    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
+    split = ImageSplit(torch.zeros(200, dtype=torch.long), [str(c) for c in range(10)], "noise", "noise-32px",
+                       images=images)
+    phi = extract_features(model, split, batch_size=200, device="cpu", bf16=True, use_cache=False, progress=False)
+    x = split.normalize(images).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = model.forward_maps(x)
+    assert maps.dtype == torch.bfloat16 and maps.shape[-2:] == (8, 8)  # autocast did reach the body
+    assert phi.dtype == torch.float32
+    assert torch.equal(phi, maps.float().mean((2, 3)))
+    assert _ties(maps.mean((2, 3)).float()) > len(split) // 2  # what pooling in bf16 gives
+    assert _ties(phi) <= len(split) // 100  # float32 pooling: a coincidence at most (1 row here)
 
 
 def test_training_is_repeatable(tmp_path, monkeypatch):
@@ -153,6 +191,8 @@ def test_training_out_of_memory_goes_on_in_micro_batches(monkeypatch, capsys):
     train_classifier(model, train, Recipe(epochs=3, batch_size=64, lr=0.05, flip=False), device="cpu", progress=False)
     assert max(s for s in sizes if s <= 20) == 16
     assert "micro-batches of 16" in capsys.readouterr().err
+    assert sizes.count(64) == 1 and max(sizes[3:]) == 16  # the reduced size is carried on
+    assert all(h is None for h in sizes.handling)  # retried after the handler: the failed pass was freed
     monkeypatch.undo()
     test = open_dataset("digits", "test")
     phi = extract_features(model, test, use_cache=False, progress=False, device="cpu")
@@ -175,3 +215,48 @@ def test_compiled_training_equals_eager():
     assert not torch.allclose(states[0]["head.weight"], initial["head.weight"], atol=1e-3)  # it did train
     for name, value in states[0].items():
         assert torch.allclose(value.float(), states[1][name].float(), atol=1e-4), name
+
+
+def test_compiled_training_sees_equal_batches_and_marks_steps(monkeypatch):
+    """`Recipe(compile=True)`: every step gets exactly batch_size images (100 = 64 + 36: the last batch is
+    topped up), so CUDA graphs are recorded once, and each step is marked for them. torch.compile is
+    replaced by a recorder here: the batching is what is under test."""
+    from classfilters import Recipe, build_model, train_classifier
+    seen, marks = [], []
+
+    def recording_compile(net, mode=None):
+        def run(x):
+            seen.append(len(x))
+            return net(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    train = open_dataset("digits", "train").subset(torch.arange(100))
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+    train_classifier(model, train, Recipe(epochs=2, batch_size=64, lr=0.05, compile=True), device="cpu",
+                     progress=False)
+    assert seen == [64] * 4 and len(marks) == 4
+    seen.clear()
+    train_classifier(model, train, Recipe(epochs=1, batch_size=64, lr=0.05), device="cpu", progress=False)
+    assert seen == []  # not compiled: nothing recorded (and eager batches keep their natural sizes)
+
+
+def test_training_loss_is_float32_on_bf16_logits(monkeypatch):
+    """The cross-entropy gets float32 logits even when the network returns bf16 ones (outside autocast)."""
+    import torch.nn.functional as F
+
+    from classfilters import train
+    dtypes = []
+    original = F.cross_entropy
+
+    def recording(logits, *args, **kwargs):
+        dtypes.append(logits.dtype)
+        return original(logits, *args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", recording)
+    net = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    x, y = torch.randn(5, 4, dtype=torch.bfloat16), torch.tensor([0, 1, 2, 0, 1])
+    loss = train._chunk_loss(net, net, 5, x, y, weight=1 / 5, smoothing=0.0, bf16=False)
+    assert dtypes == [torch.float32] and loss.dtype == torch.float32

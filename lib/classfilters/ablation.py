@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from .decomposed import DecomposedHead, accuracy
+from .decomposed import DecomposedHead, accuracy, head_on
 from .influence import InfluentialFeatures
 
 ARMS = ("influential", "non_influential_all", "non_influential_matched_size")
@@ -46,22 +46,24 @@ def non_influential_mask(influence: InfluentialFeatures, seed: int | torch.Gener
     for c in range(mask.shape[0]):
         outside = (~mask[c]).nonzero().flatten()
         size = min(int(mask[c].sum()), len(outside))
-        out[c, outside[torch.randperm(len(outside), generator=gen)[:size]]] = True
+        out[c, outside[torch.randperm(len(outside), generator=gen, device="cpu")[:size].to(mask.device)]] = True
     return out
 
 
 def with_noise(features: torch.Tensor, replace: torch.Tensor, mean: torch.Tensor | float = 0.0,
                std: torch.Tensor | float = 1.0, seed: int | torch.Generator = 0) -> torch.Tensor:
     """`features` (N, D) with the entries where `replace` (N, D) is True drawn from N(mean, std);
-    mean and std are floats or (D,) tensors (one per feature)."""
+    mean and std are floats or (D,) tensors (one per feature). On the features' device; the noise
+    is drawn on the CPU, so a seed gives the same draw on every device."""
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-    noise = torch.randn(features.shape, generator=gen, dtype=torch.float32) * std + mean
-    return torch.where(replace, noise.to(features.dtype), features)
+    noise = torch.randn(features.shape, generator=gen, dtype=torch.float32).to(features.device)
+    noise = noise * torch.as_tensor(std, device=features.device) + torch.as_tensor(mean, device=features.device)
+    return torch.where(replace.to(features.device), noise.to(features.dtype), features)
 
 
 def arm_masks(influence: InfluentialFeatures, labels: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """bool (N, D) per arm: the features replaced in each test image (rows chosen by its true class)."""
-    mask = influence.mask
+    mask, labels = influence.mask, labels.cpu()  # the index sets live on the CPU; with_noise moves the masks
     return {"influential": mask[labels], "non_influential_all": ~mask[labels],
             "non_influential_matched_size": non_influential_mask(influence, gen)[labels]}
 
@@ -77,7 +79,7 @@ def noise_ablation(head: nn.Linear, influence: InfluentialFeatures, test_feature
     """
     if draws < 1:
         raise ValueError(f"draws must be at least 1, got {draws}")
-    head = head.cpu().float()
+    head = head_on(head, test_features.device)  # a float32 copy: the model's head stays where it is
     labels = test_labels.long()
     phi = test_features.float()
     decomposed = DecomposedHead(head, influence)

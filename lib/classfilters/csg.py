@@ -40,7 +40,7 @@ from torch import nn
 
 from . import cache
 from .data import ImageSplit
-from .decomposed import accuracy
+from .decomposed import accuracy, head_on
 from .device import default_device
 from .models import FeatureModel, build_model, fingerprint
 from .progress import tqdm
@@ -210,6 +210,7 @@ def gate_mask(gates: torch.Tensor, k_prime: int, order: str = "highest") -> torc
 @torch.no_grad()
 def path_accuracies(gated: GatedModel, features: torch.Tensor, labels: torch.Tensor) -> dict:
     """Test accuracy of the standard path and of the gated path (true-label gates, as in training)."""
-    head = gated.model.head.cpu().float()
+    head = head_on(gated.model.head, features.device)  # a copy: the model's head stays where it is
+    labels = labels.long().to(features.device)
     return {"standard": accuracy(head(features), labels),
-            "gated": accuracy(head(gate(features, gated.gates.cpu(), labels.long())), labels)}
+            "gated": accuracy(head(gate(features, gated.gates.detach().to(features.device), labels)), labels)}

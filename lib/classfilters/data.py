@@ -70,13 +70,25 @@ class ImageSplit:
         return (batch.float() / 255 - mean) / std
 
     def subset(self, index: torch.Tensor) -> ImageSplit:
-        """The images at `index` (in-memory splits only)."""
-        if self.images is None:
-            raise ValueError("subset() needs an in-memory split")
-        index = torch.as_tensor(index)
-        return ImageSplit(self.labels[index], self.classes, self.name,
-                          f"{self.fingerprint}[{cache.key_hash({'i': index.tolist()})}]",
-                          images=self.images[index], mean=self.mean, std=self.std, meta=self.meta)
+        """The images at `index`. A lazily decoded folder stays a `FolderImages` (of the chosen
+        files), so a subset is decoded the way the whole split is (batched on the GPU, decode.py);
+        any other streamed dataset is wrapped in a `torch.utils.data.Subset`."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        fingerprint = f"{self.fingerprint}[{cache.key_hash({'i': index.tolist()})}]"
+        if self.images is not None:
+            return ImageSplit(self.labels[index], self.classes, self.name, fingerprint,
+                              images=self.images[index], mean=self.mean, std=self.std, meta=self.meta)
+        if self.dataset is None:
+            raise ValueError("subset() needs images in memory or a dataset")
+        chosen = index.tolist()
+        if isinstance(self.dataset, FolderImages):
+            d = self.dataset
+            dataset = FolderImages([d.files[i] for i in chosen], [d.labels[i] for i in chosen], d.resize, d.crop,
+                                   d.interpolation)
+        else:
+            dataset = torch.utils.data.Subset(self.dataset, chosen)
+        return ImageSplit(self.labels[index], self.classes, self.name, fingerprint, dataset=dataset,
+                          mean=self.mean, std=self.std, meta=self.meta)
 
 
 def folder_transform(size: tuple | None) -> tuple[int, int, str]:

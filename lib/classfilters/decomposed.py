@@ -9,6 +9,8 @@ count, and the decomposed logits for every k' from one cumulative sum.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
 
 
+def head_on(head: nn.Linear, device) -> nn.Linear:
+    """A float32 copy of `head` on `device`: the model's own head stays where it is (moving it in
+    place would leave the model split across devices)."""
+    return copy.deepcopy(head).to(device=device, dtype=torch.float32)
+
+
 @torch.no_grad()
 def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Tensor, labels: torch.Tensor) -> dict:
     """Full and decomposed accuracy on (test) features, their ratio and the layers' costs.
@@ -67,7 +75,7 @@ def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Te
     if influence.num_classes != head.out_features or influence.num_features != head.in_features:
         raise ValueError(f"the index sets cover {influence.num_classes} classes x {influence.num_features} features "
                          f"but the head is {head.out_features} x {head.in_features}: they were computed for another model")
-    head = head.to(features.device)
+    head = head_on(head, features.device)  # a copy: the model's head stays where it is
     full = accuracy(head(features), labels)
     decomposed = accuracy(DecomposedHead(head, influence)(features), labels)
     return {"acc_full": full, "acc_decomposed": decomposed,
@@ -89,7 +97,7 @@ def feature_ranks(features: torch.Tensor, rank_by: str = "auto") -> torch.Tensor
     rank_by = resolve_rank_by(features, rank_by)
     scores = features.abs() if rank_by == "magnitude" else features
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    positions = torch.arange(features.shape[1], dtype=torch.int32).expand_as(order)
+    positions = torch.arange(features.shape[1], dtype=torch.int32, device=features.device).expand_as(order)
     return torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)
 
 
@@ -99,7 +107,8 @@ def grid_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test
                   chunk_elements: int = 1 << 25, progress: bool = False) -> torch.Tensor:
     """Decomposed test accuracy for every (k, k') pair: float (len(ks), len(k_primes)).
 
-    Equals running Algorithm 1 and `evaluate` for each pair separately (integer k, k').
+    Equals running Algorithm 1 and `evaluate` for each pair separately (integer k, k'). Runs on the
+    features' device (the test features are moved there); the result is on the CPU.
     """
     ks, k_primes = list(ks), list(k_primes)
     train_labels = check_inputs(head, train_features, train_labels, "training features")
@@ -114,30 +123,31 @@ def grid_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test
     kmax = max(ks)
     # counts[c, j, r] = #{i in class c : feature j has rank r in image i}, for r < kmax
     rank_by = resolve_rank_by(train_features, rank_by)
-    counts = torch.zeros(c * d * kmax, dtype=torch.int64)
+    device = train_features.device
+    counts = torch.zeros(c * d * kmax, dtype=torch.int64, device=device)
     rows = max(1, chunk_elements // d)
     for start in range(0, n, rows):
         ranks = feature_ranks(train_features[start:start + rows], rank_by).long()
-        y = train_labels[start:start + rows].long()
+        y = train_labels[start:start + rows].long().to(device)
         keep = ranks < kmax
         cls = y[:, None].expand_as(ranks)[keep]
-        j = torch.arange(d).expand_as(ranks)[keep]
+        j = torch.arange(d, device=device).expand_as(ranks)[keep]
         counts += torch.bincount((cls * d + j) * kmax + ranks[keep], minlength=c * d * kmax)
     cumulative = counts.view(c, d, kmax).cumsum(2)        # histograms for every k at once
-    weight, bias = head.weight.float().cpu(), head.bias.float().cpu()
-    kp_index = torch.tensor(k_primes) - 1
-    test_labels = test_labels.long()
-    result = torch.zeros(len(ks), len(k_primes))
+    weight, bias = head.weight.detach().float().to(device), head.bias.detach().float().to(device)
+    kp_index = torch.tensor(k_primes, device=device) - 1
+    test_features, test_labels = test_features.to(device), test_labels.long().to(device)
+    result = torch.zeros(len(ks), len(k_primes), device=device)
     test_rows = max(1, chunk_elements // (c * d))
     for a, k in enumerate(tqdm(ks, desc="(k, k') grid", disable=not progress)):
         order = torch.sort(cumulative[:, :, k - 1], dim=1, descending=True, stable=True).indices  # (C, D)
         order_t = order.T.contiguous()                       # (D, C): t-th feature of each class
         w_t = torch.gather(weight, 1, order).T.contiguous()
-        correct = torch.zeros(len(k_primes))
+        correct = torch.zeros(len(k_primes), device=device)
         for start in range(0, len(test_features), test_rows):
             phi = test_features[start:start + test_rows]
             # z[n, t, c]: class c's logit from its t+1 most frequent features (classes last: fast argmax)
             z = (phi[:, order_t] * w_t).cumsum(1)[:, kp_index] + bias
             correct += (z.argmax(2) == test_labels[start:start + test_rows, None]).sum(0)
         result[a] = correct / len(test_features)
-    return result
+    return result.cpu()

@@ -3,7 +3,9 @@
 `extract_features(model, split)` runs the model over a split in batches (no DataLoader for
 in-memory splits; worker processes for streamed folders) in channels_last (1.2-2x faster
 convolutions on the CPU too), with bf16 autocast on the GPU, shows a tqdm bar, and returns
-float32 (N, D) features in dataset order.
+float32 (N, D) features in dataset order. The body runs under autocast, but its maps are pooled
+in float32: pooled in bf16 (8 significant bits) many features of a row would round to the same
+value, and the top-k of Algorithm 1 would be decided by ties.
 
 - Cache: keyed by the model's weights and forward code (body, pool, head: `cache.code_identity`),
   the split's fingerprint, the normalisation, the precision, the memory format and the torch /
@@ -12,7 +14,8 @@ float32 (N, D) features in dataset order.
 - Many processes: under `torchrun` (torch.distributed initialised, e.g. by `init_distributed`),
   rank r extracts the r-th contiguous slice and the slices are gathered, so every rank gets
   all N rows in dataset order, with no padded duplicates.
-- Out of GPU memory: the batch is split in halves and the run goes on, saying so.
+- Out of GPU memory: the run goes on in chunks of half the batch, saying so (retried after the
+  handler, so the failed pass is freed first; later batches keep the reduced size).
 - Several models: `extract_features_many` reads, decodes and normalises each batch once for all.
 """
 from __future__ import annotations
@@ -79,9 +82,11 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
     decoded and normalised once and fed to every model (a depth study's 13 models share it)."""
     device = torch.device(device) if device is not None else default_device()
     bf16 = (device.type == "cuda") if bf16 is None else bf16
+    # without the cache no key is needed: no weights hashed (431 M parameters for the depth study)
     keys = {name: {"model": fingerprint(m), "forward": cache.code_identity(m), "data": split.fingerprint,
                    "mean": split.mean, "std": split.std, "precision": "bf16" if bf16 else "fp32",
                    "memory_format": "channels_last", "n": len(split), "versions": library_versions()}
+            if use_cache else {"model": name}
             for name, m in models.items()}
     result = {}
     for name, key in keys.items():
@@ -94,8 +99,10 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
     start, stop = len(split) * rank // size, len(split) * (rank + 1) // size
     part_keys = {name: {**keys[name], "slice": [start, stop]} for name in todo}
     modes = {name: m.training for name, m in todo.items()}
+    for m in models.values():  # all of them, cached or not: no model is left split across devices
+        m.to(device, memory_format=torch.channels_last)
     for m in todo.values():
-        m.eval().to(device, memory_format=torch.channels_last)
+        m.eval()
     features, parts = _extract_slice(todo, split, start, stop, part_keys, batch_size, device, bf16, use_cache,
                                      progress and rank == 0, checkpoint_every)
     for name, m in todo.items():
@@ -104,7 +111,7 @@ def extract_features_many(models: dict[str, FeatureModel], split: ImageSplit, ba
         check_features(phi, f"{m.name} on {split.name}")
         if use_cache and rank == 0:
             cache.save("features", keys[name], {"features": phi})
-        for i in range(parts):  # the saved progress is no longer needed once the whole result is
+        for i in range(parts if use_cache else 0):  # the saved progress is no longer needed once the whole result is
             cache.discard("features-part", {**part_keys[name], "part": i})
         result[name] = phi
     return {name: result[name] for name in models}
@@ -122,13 +129,15 @@ def _extract_slice(models, split, start, stop, keys, batch_size, device, bf16, u
     any_done = next(iter(done.values()))
     first = start + sum(len(p) for p in any_done)
     pending, in_pending = {name: [] for name in models}, 0
+    chunk = {name: batch_size for name in models}  # the largest chunk that fits, per model
     label = next(iter(models.values())).name if len(models) == 1 else f"{len(models)} models"
     bar = tqdm(total=stop - start, initial=first - start, desc=f"features {label} / {split.name}",
                disable=not progress, unit="img")
     for images in batches(split, batch_size, first, stop, device=device):
         x = split.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         for name, m in models.items():  # copied out without waiting: the GPU runs ahead of the host
-            pending[name].append(_forward_with_backoff(m, x, device, bf16, bar).to("cpu", non_blocking=True))
+            phi, chunk[name] = forward_with_backoff(m, x, chunk[name], bf16, bar.write)
+            pending[name].append(phi.to("cpu", non_blocking=True))
         in_pending += len(images)
         bar.update(len(images))
         if use_cache and in_pending >= checkpoint_every:
@@ -152,21 +161,32 @@ def _wait_for_copies(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward_with_backoff(model, x, device, bf16, bar) -> torch.Tensor:
-    """phi for one normalised batch, float32 on `device`; on CUDA out-of-memory, the batch is done
-    in halves (recursively)."""
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return model.forward_features(x).float()
-    except torch.cuda.OutOfMemoryError:
-        if len(x) == 1:
-            raise
-        if device.type == "cuda":
+def pooled_features(model: FeatureModel, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """phi(x), float32: the body under bf16 autocast when `bf16`, the pooling always in float32
+    (outside autocast), so that rounding creates no ties among the pooled features."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        maps = model.forward_maps(x)
+    with torch.autocast(x.device.type, enabled=False):
+        maps = maps.float()
+        return (model.pool(maps) if maps.dim() == 4 else maps).float()
+
+
+def forward_with_backoff(model, x, chunk: int, bf16: bool, say=print) -> tuple[torch.Tensor, int]:
+    """(phi of the batch `x` computed in chunks of `chunk` images, the chunk size that fitted).
+
+    On CUDA out-of-memory the chunk is halved and the batch redone. The retry happens after the
+    `except` block: inside it the traceback would keep the failed pass's activations alive."""
+    while True:
+        try:
+            return torch.cat([pooled_features(model, x[a:a + chunk], bf16) for a in range(0, len(x), chunk)]), chunk
+        except torch.cuda.OutOfMemoryError:
+            if min(chunk, len(x)) == 1:
+                raise
+        failed = min(chunk, len(x))  # the failed pass is gone: free its blocks, then retry smaller
+        chunk = failed // 2
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        half = len(x) // 2
-        bar.write(f"out of GPU memory at batch size {len(x)}: going on with {half}", file=sys.stderr)
-        return torch.cat([_forward_with_backoff(model, x[:half], device, bf16, bar),
-                          _forward_with_backoff(model, x[half:], device, bf16, bar)])
+        say(f"out of GPU memory at batch size {failed}: going on with {chunk}", file=sys.stderr)
 
 
 def _gather_in_order(local: torch.Tensor, n: int, device) -> torch.Tensor:

@@ -17,4 +17,5 @@ class Recipe:
     crop_padding: int | None = None  # random-crop padding in pixels (None: an eighth of the width; 0: none)
     flip: bool = True           # random horizontal flips (off for digits)
     label_smoothing: float = 0.0
-    compile: bool = False       # torch.compile the network (CUDA graphs on a GPU): a slower start, faster steps
+    compile: bool = False       # torch.compile the network (CUDA graphs on a GPU): a slower start, faster steps;
+    #                             every batch then holds exactly batch_size images (the last one topped up)

@@ -4,11 +4,14 @@
 held on the device, with random-crop (and optionally flip) augmentation done on the batch
 (no DataLoader). `trained_model` caches the result under a key of the model name, the
 split's fingerprint, the recipe and the seed, so profiles never train the same model
-twice. `finetune_head` retrains a `DecomposedHead` from cached features (Adam, lr 1e-4,
+twice. With `Recipe(compile=True)` every step sees a batch of exactly `batch_size` images (the
+epoch's last batch is topped up from the start of its order), so a compiled network, CUDA graphs
+included, is compiled once. `finetune_head` retrains a `DecomposedHead` from cached features (Adam, lr 1e-4,
 as the authors), recording accuracy after every epoch, on one process or many (DDP).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 from dataclasses import asdict
@@ -73,14 +76,22 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
     if device.type == "cuda":
         augment_gen = torch.Generator(device=device).manual_seed(seed * 1000 + rank + 1)
     model.to(device, memory_format=torch.channels_last).train()  # faster convolutions on CPUs too
-    net = model
+    net = ddp = model
     if size > 1:
         from torch.nn.parallel import DistributedDataParallel
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # no buffer broadcast in forward (a collective a rank out of memory would miss): rank 0's
+        # BatchNorm statistics are broadcast once, at the end (training uses the batch's statistics)
+        net = ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            forward_sync_buffers=False)
+    if recipe.compile and recipe.batch_size < size:
+        raise ValueError(f"batch_size {recipe.batch_size} is smaller than the {size} processes: every rank needs images")
+    eager = net
+    cudagraphs = recipe.compile and device.type == "cuda"
     if recipe.compile:
-        net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None)
+        net = torch.compile(net, mode="reduce-overhead" if cudagraphs else None)
+        eager = eager if cudagraphs else net  # without CUDA graphs the compiled network serves every size
     images, labels = split.images.to(device), split.labels.to(device)
     steps_per_epoch = -(-len(split) // recipe.batch_size)
     trainable = [p for p in model.parameters() if p.requires_grad]  # fixed (frozen) weights stay bit-identical
@@ -98,12 +109,23 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
         perm = torch.randperm(len(split), generator=gen).to(device)
         for start in range(0, len(split), recipe.batch_size):
             batch = perm[start:start + recipe.batch_size]
+            if recipe.compile and len(batch) < recipe.batch_size:  # one shape: compiled (and graphed) once
+                batch = torch.cat([batch, perm.repeat(-(-recipe.batch_size // len(perm)))[:recipe.batch_size - len(batch)]])
             mine = batch[len(batch) * rank // size:len(batch) * (rank + 1) // size]
             x = split.normalize(augment(images[mine], padding, recipe.flip, augment_gen))
             x = x.contiguous(memory_format=torch.channels_last)
+            if recipe.compile:
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done
+            # CUDA graphs replayed for micro-batches would accumulate gradients across replays (wrong
+            # or overwritten): a chunk smaller than the rank's batch runs eagerly, and so do later steps
             micro = step_in_micro_batches(opt, x, labels[mine], micro, partial(
-                _chunk_loss, net, weight=size / len(batch), smoothing=recipe.label_smoothing, bf16=bf16,
-                stats=stats if not bar.disable else None))
+                _chunk_loss, net if cudagraphs else eager, eager, len(x), weight=size / len(batch),
+                smoothing=recipe.label_smoothing, bf16=bf16, stats=stats if not bar.disable else None),
+                ddp=ddp if size > 1 else None)
+            if cudagraphs and micro < len(x):
+                cudagraphs = False
+                tqdm.write("CUDA graphs do not mix with micro-batches: going on eagerly, without graphs",
+                           file=sys.stderr)
             sched.step()
         if not bar.disable:  # the epoch's running loss and accuracy on the augmented batches (rank 0's share)
             loss, correct, seen = stats.tolist()
@@ -113,46 +135,90 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
         # DDP's reducer sits in a reference cycle: collected at exit, after the caller destroyed the
-        del net  # process group, it aborts the process ("terminate called without an active exception")
+        del net, eager, ddp  # process group, it aborts the process ("terminate called without an active exception")
         gc.collect()
     return model.eval()
 
 
-def _chunk_loss(net, x, y, weight: float, smoothing: float, bf16: bool, stats=None) -> torch.Tensor:
-    """Cross-entropy summed over the chunk, times `weight` (1 / the whole batch, times the ranks).
+def _chunk_loss(graphed, eager, whole: int, x, y, weight: float, smoothing: float, bf16: bool,
+                stats=None) -> torch.Tensor:
+    """Cross-entropy (in float32) summed over the chunk, times `weight` (1 / the whole batch, times the
+    ranks). `graphed` runs a chunk of the rank's `whole` batch, `eager` a smaller one (a micro-batch).
     `stats` (3,), when given, accumulates the loss sum, the correct predictions and the images seen."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = net(x)
-    loss = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="sum")
+        logits = (graphed if len(x) == whole else eager)(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing, reduction="sum")
     if stats is not None:
         with torch.no_grad():
-            stats += torch.stack([loss.detach().float(), (logits.argmax(1) == y).sum().float(),
+            stats += torch.stack([loss.detach(), (logits.argmax(1) == y).sum().float(),
                                   torch.tensor(float(len(y)), device=stats.device)])
     return loss * weight
 
 
-def step_in_micro_batches(opt, x, y, micro: int, chunk_loss, extra_loss=None) -> int:
+def step_in_micro_batches(opt, x, y, micro: int, chunk_loss, extra_loss=None, ddp=None) -> int:
     """One optimiser step on the batch (x, y): `chunk_loss(x_part, y_part)` over micro-batches of
-    `micro` (gradients accumulated; each chunk's loss carries its share of the batch), plus
-    `extra_loss()` once. Out of GPU memory, halve `micro`, redo the step and say so. Returns `micro`
-    (the next step starts from it)."""
+    at most `micro` (gradients accumulated; each chunk's loss carries its share of the batch), plus
+    `extra_loss()` once. Out of GPU memory, halve `micro`, redo the step (after the `except` block, so
+    the failed pass is freed first) and say so. Returns `micro` (the next step starts from it).
+
+    Under DistributedDataParallel (`ddp`: the wrapped model) every rank runs the same number of
+    passes, or the ranks would wait for each other forever: they agree on the number of chunks
+    (the most any rank needs; a rank with fewer images runs empty chunks, which weigh nothing),
+    every backward stays local (`no_sync`), the ranks agree whether any ran out of memory (then
+    all redo the step with half the micro-batch), and one all-reduce averages the gradients."""
     while True:
+        chunks = _agreed(-(-len(x) // micro), ddp)
+        failed = False
         try:
             opt.zero_grad(set_to_none=True)
-            for a in range(0, len(x), micro):
-                chunk_loss(x[a:a + micro], y[a:a + micro]).backward()
-            if extra_loss is not None:
-                extra_loss().backward()
+            with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
+                for xs, ys in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
+                    chunk_loss(xs, ys).backward()
+                if extra_loss is not None:
+                    extra_loss().backward()
+        except torch.cuda.OutOfMemoryError:
+            if micro == 1 and ddp is None:
+                raise
+            failed = True
+        if not _agreed(int(failed), ddp):
+            if ddp is not None:
+                _average_gradients(opt)
             opt.step()
             return micro
-        except torch.cuda.OutOfMemoryError:
-            if micro == 1:
-                raise
-            micro //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            tqdm.write(f"out of GPU memory: going on with micro-batches of {micro} (gradients accumulated)",
-                       file=sys.stderr)
+        opt.zero_grad(set_to_none=True)  # the failed pass is gone: free its blocks, then retry smaller
+        if micro == 1:
+            raise torch.cuda.OutOfMemoryError("out of GPU memory with micro-batches of one image (on some rank)")
+        micro = max(1, _agreed(min(micro, len(x)), ddp) // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tqdm.write(f"out of GPU memory: going on with micro-batches of {micro} (gradients accumulated)",
+                   file=sys.stderr)
+
+
+def _agreed(value: int, ddp) -> int:
+    """The largest `value` of all ranks (under DDP), else `value`."""
+    if ddp is None:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], device=next(ddp.parameters()).device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _average_gradients(opt) -> None:
+    """Every parameter's gradient averaged over the ranks (what DDP's backward does), in one all-reduce."""
+    import torch.distributed as dist
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    on_cpu = dist.get_backend() != "nccl"
+    reduced = flat.cpu() if on_cpu else flat
+    dist.all_reduce(reduced)
+    reduced = reduced.to(flat.device) / dist.get_world_size()
+    for p, g in zip(params, reduced.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p.grad))
 
 
 def trained_model(name: str, split: ImageSplit, recipe: Recipe | None = None, seed: int = 0, device=None,
