@@ -74,7 +74,8 @@ def test_executed_notebooks_embed_their_figures_once(tiny):
     for path in NOTEBOOKS:
         nb = nbformat.read(tiny.parent / "runs" / path.name, as_version=4)
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-        assert not any("<Figure size" in str(o.get("data", {}).get("text/plain", "")) for o in outputs), path.name
+        assert not any("<Figure size" in str(o.get("data", {}).get("text/plain", "")) and "image/png" not in o.data
+                       for o in outputs if "data" in o), path.name  # a figure only as text: no image
         for cell in nb.cells:
             if cell.cell_type == "code" and "S.save_figure(" in cell.source:
                 pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
@@ -83,6 +84,9 @@ def test_executed_notebooks_embed_their_figures_once(tiny):
                     if "injected-parameters" in c.metadata.get("tags", []))
     assert "fig2_class = 0" in injected.source and "k = 5" in injected.source  # only the notebook's knobs
     assert "overrides" not in injected.source and "grid_k" not in injected.source
+    injected = next(c for c in nbformat.read(tiny.parent / "runs" / "03_depth_study.ipynb", as_version=4).cells
+                    if "injected-parameters" in c.metadata.get("tags", []))
+    assert "depth_k = 5" in injected.source and "grid_k = [1, 2, 4, 8, 16, 32, 64]" in injected.source
 
 
 def test_influence_tables(tiny):
