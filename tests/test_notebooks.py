@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pandas as pd
+import papermill
 import pytest
 import torch
 
@@ -53,6 +54,8 @@ def test_committed_notebooks_are_clean():
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert "parameters" in code[0].metadata.get("tags", []), f"{path.name}: first code cell not tagged parameters"
+        assigned = [line.split("=")[0].strip() for line in code[0].source.splitlines() if "=" in line]
+        assert list(papermill.inspect_notebook(str(path))) == assigned, f"{path.name}: papermill cannot read them all"
         for cell in code:
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs: strip them"
 
