@@ -44,7 +44,8 @@ def main():
     test, test_y = torch.relu(torch.randn(10_000, d, generator=gen)), torch.randint(0, c, (10_000,), generator=gen)
     torch.manual_seed(0)
     model = types.SimpleNamespace(num_features=d, num_classes=c, head=nn.Linear(d, c))
-    split = lambda y: types.SimpleNamespace(labels=y, classes=[f"class{i}" for i in range(c)], num_classes=c)  # noqa: E731
+    def split(y):
+        return types.SimpleNamespace(labels=y, classes=[f"class{i}" for i in range(c)], num_classes=c)
     subject = Subject("random", model, split(train_y), split(test_y), train, test)
     axis = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32]
     grid = pd.DataFrame([{"k": k, "k_prime": kp, "relative": 0.9} for k in axis for kp in axis])
@@ -56,13 +57,12 @@ def main():
     for move, where in moves.items():
         compute, draw = [], []
         for i in range(args.moves):
-            state = None
-
-            def step(i=i):
-                nonlocal state
-                state = panel.state(*where(i))
-            compute.append(ms(step))
-            draw.append(ms(lambda: panel.render(state)))
+            start = time.perf_counter()
+            state = panel.state(*where(i))
+            compute.append(1000 * (time.perf_counter() - start))
+            start = time.perf_counter()
+            panel.render(state)
+            draw.append(1000 * (time.perf_counter() - start))
         total = [a + b for a, b in zip(compute, draw)]
         rows.append({"move": move, "compute_ms": statistics.median(compute), "draw_ms": statistics.median(draw),
                      "update_ms_median": statistics.median(total), "update_ms_max": max(total)})

@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pandas as pd
+import papermill
 import pytest
 import torch
 
@@ -53,6 +54,8 @@ def test_committed_notebooks_are_clean():
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert "parameters" in code[0].metadata.get("tags", []), f"{path.name}: first code cell not tagged parameters"
+        assigned = [line.split("=")[0].strip() for line in code[0].source.splitlines() if "=" in line]
+        assert list(papermill.inspect_notebook(str(path))) == assigned, f"{path.name}: papermill cannot read them all"
         for cell in code:
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs: strip them"
 
@@ -74,7 +77,8 @@ def test_executed_notebooks_embed_their_figures_once(tiny):
     for path in NOTEBOOKS:
         nb = nbformat.read(tiny.parent / "runs" / path.name, as_version=4)
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-        assert not any("<Figure size" in str(o.get("data", {}).get("text/plain", "")) for o in outputs), path.name
+        assert not any("<Figure size" in str(o.get("data", {}).get("text/plain", "")) and "image/png" not in o.data
+                       for o in outputs if "data" in o), path.name  # a figure only as text: no image
         for cell in nb.cells:
             if cell.cell_type == "code" and "S.save_figure(" in cell.source:
                 pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
@@ -83,6 +87,9 @@ def test_executed_notebooks_embed_their_figures_once(tiny):
                     if "injected-parameters" in c.metadata.get("tags", []))
     assert "fig2_class = 0" in injected.source and "k = 5" in injected.source  # only the notebook's knobs
     assert "overrides" not in injected.source and "grid_k" not in injected.source
+    injected = next(c for c in nbformat.read(tiny.parent / "runs" / "03_depth_study.ipynb", as_version=4).cells
+                    if "injected-parameters" in c.metadata.get("tags", []))
+    assert "depth_k = 5" in injected.source and "grid_k = [1, 2, 4, 8, 16, 32, 64]" in injected.source
 
 
 def test_influence_tables(tiny):
