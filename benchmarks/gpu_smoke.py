@@ -219,14 +219,14 @@ def check_oom(device, dry, scale):
     split = noise_split(48 if dry else 384, 32 if dry else 224)
     small = extract_features(model, split, batch_size=16, device=device, use_cache=False, progress=False)
     messages = []
-    if dry:  # simulated: forward_maps raises CUDA out-of-memory above 16 images
-        original = FeatureModel.forward_maps
+    if dry:  # simulated: the pooling step raises CUDA out-of-memory above 16 images
+        original = FeatureModel.pool_output
 
         def capped(self, x):
             if len(x) > 16:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
             return original(self, x)
-        cap = _patched(FeatureModel, "forward_maps", capped)
+        cap = _patched(FeatureModel, "pool_output", capped)
     else:  # a real cap: what ResNet-50 needs for about 64 images at 224 px in bf16
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory

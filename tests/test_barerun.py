@@ -44,14 +44,17 @@ def test_interactive_only_cells_are_skipped_other_failures_named(tmp_path, monke
         barerun.execute(nb, {}, tmp_path / "log", tmp_path)
 
 
-def test_commit_from_a_file_without_git(tmp_path, monkeypatch):
-    monkeypatch.setattr(barerun.runner, "git_commit", lambda root: ("unknown", False))
-    monkeypatch.delenv("CLASSFILTERS_COMMIT", raising=False)
-    assert barerun.commit_of(tmp_path) == ("unknown", False)
-    monkeypatch.setenv("CLASSFILTERS_COMMIT", "abc123")
-    assert barerun.commit_of(tmp_path) == ("abc123", False)
-    (tmp_path / "COMMIT").write_text("def456\n")
-    assert barerun.commit_of(tmp_path) == ("def456", False)
+def test_each_notebook_gets_what_the_runner_would_give(tmp_path):
+    """The parameters read with `ast` equal papermill's: the same knobs, the profile file and out_dir."""
+    from pathlib import Path
+
+    from classfilters import runner
+    from classfilters.profile import load_profile
+    values = load_profile("demo").to_dict()
+    for nb in runner.notebooks(Path(__file__).resolve().parents[1] / "notebooks"):
+        ours = barerun.notebook_parameters(nb, tmp_path / "profile.yaml", tmp_path / "out", values)
+        assert ours == runner.notebook_parameters(nb, tmp_path / "profile.yaml", tmp_path / "out", values), nb.name
+        assert {"profile", "out_dir"} <= set(ours)
 
 
 def test_the_first_notebook_runs_without_jupyter(tmp_path):
@@ -63,3 +66,4 @@ def test_the_first_notebook_runs_without_jupyter(tmp_path):
     assert provenance["notebooks"]["01_influence"]["status"] == "ok" and provenance["runner"].startswith("classfilters.barerun")
     assert list((tmp_path / "figures").glob("*.csv")) or list((tmp_path / "figures").glob("*.png"))
     assert (tmp_path / "runs" / "01_influence.log").is_file()
+    assert provenance["profile_values"]["max_train"] == 300 and provenance["source_hash"]

@@ -36,8 +36,8 @@ def test_tree_folder_and_archive_agree_and_are_cached(tmp_path, monkeypatch):
     archive = open_dataset(f"cifar10:{tmp_path / 'tree.tar.gz'}", "train")
     assert folder.classes == archive.classes == ["a", "b"]
     assert torch.equal(folder.images, archive.images) and folder.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    from classfilters import data
-    monkeypatch.setattr(data, "_read_tree", lambda *a: pytest.fail("the decoded cache was not used"))
+    from classfilters import archives
+    monkeypatch.setattr(archives, "read_tree", lambda *a: pytest.fail("the decoded cache was not used"))
     assert torch.equal(open_dataset(f"cifar10:{tmp_path / 'tree.tar.gz'}", "train").images, archive.images)
 
 

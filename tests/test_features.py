@@ -107,7 +107,7 @@ def limit_memory(monkeypatch, model, method, largest):
 def test_out_of_memory_backs_off_and_goes_on(digits_model, monkeypatch, capsys):
     test = open_dataset("digits", "test")
     direct = extract_features(digits_model, test, use_cache=False, progress=False)
-    sizes = limit_memory(monkeypatch, digits_model, "forward_maps", 40)
+    sizes = limit_memory(monkeypatch, digits_model, "pool_output", 40)
     backed_off = extract_features(digits_model, test, batch_size=128, use_cache=False, progress=True)
     assert torch.allclose(backed_off, direct, atol=1e-5)
     assert max(s for s in sizes if s <= 40) == 32

@@ -3,18 +3,20 @@ pandas, seaborn and matplotlib (no papermill, nbformat, nbclient or ipykernel).
 
     python -m classfilters.barerun --profile cifar10 [--only 03] [--set key=value ...]
 
-Each notebook's JSON is read; the parameters are injected as papermill does (a cell assigning
-`profile`, `overrides` and `out_dir`, placed right after the cell tagged `parameters`); the code
+Each notebook's JSON is read; the parameters are injected as papermill does (a cell assigning what
+the cell tagged `parameters` declares: `profile`, `out_dir` and the notebook's knobs, placed right
+after it; the runner's `notebook_parameters`, with the declared names read by `ast`); the code
 cells are executed in order in this process, in one namespace per notebook, with matplotlib's Agg
 backend. Tables and figures land in figures/<profile>/ as with `classfilters.runner`, each
 notebook's printed output in runs/<profile>/<notebook>.log, and provenance.json records the commit
-(from git, else a COMMIT file at the repository root, else $CLASSFILTERS_COMMIT), device, library
-versions and seconds per notebook. A cell that needs an interactive-only module (ipywidgets,
+(from git, else $CLASSFILTERS_COMMIT, else a COMMIT file at the repository root: provenance.py),
+device, library versions and seconds per notebook. A cell that needs an interactive-only module (ipywidgets,
 IPython) is skipped, saying so; any other failure stops the run, naming notebook and cell.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import io
 import json
@@ -25,18 +27,29 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import runner
-from .study import load_profile, profile_path, repo_root
+from . import provenance, runner
+from .profile import SETTINGS, load_profile, parse_set, repo_root, save_profile
 
 
-def commit_of(root: Path) -> tuple[str, bool]:
-    """(commit, dirty) from git when there is a checkout, else from a COMMIT file or $CLASSFILTERS_COMMIT."""
-    commit, dirty = runner.git_commit(root)
-    if commit and commit != "unknown":
-        return commit, dirty
-    if (root / "COMMIT").is_file():
-        return (root / "COMMIT").read_text().strip() or "unknown", False
-    return os.environ.get("CLASSFILTERS_COMMIT", "unknown"), False
+def declared_parameters(notebook: Path) -> list[str]:
+    """The names the cell tagged `parameters` assigns (what papermill.inspect_notebook reads)."""
+    for cell in json.loads(notebook.read_text())["cells"]:
+        if cell["cell_type"] == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            return [t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Name)]
+    return []
+
+
+def notebook_parameters(notebook: Path, profile_file: Path, out_dir: Path, values: dict) -> dict:
+    """What the notebook gets: its declared knobs with this run's values, the profile file and out_dir."""
+    declared = declared_parameters(notebook)
+    unknown = [n for n in declared if n not in runner.RESERVED and n not in SETTINGS]
+    if unknown:
+        raise ValueError(f"{notebook.name}: parameters {unknown} are neither {runner.RESERVED} nor settings of "
+                         "classfilters.Profile")
+    return {**{n: values[n] for n in declared if n in SETTINGS}, "profile": str(profile_file), "out_dir": str(out_dir)}
 
 
 def code_cells(notebook: Path, parameters: dict) -> list[str]:
@@ -103,42 +116,42 @@ def run(profile: str, only: str | None = None, overrides: dict | None = None, fi
         runs_dir: Path | None = None, notebooks_dir: Path | None = None, log=print) -> int:
     """Execute the notebooks; 0 when all succeeded, 1 at the first failure (after saving provenance)."""
     root = repo_root()
-    values = load_profile(profile, overrides)
-    name = values["name"]
+    settings = load_profile(profile, overrides)
+    values, name = settings.to_dict(), settings.name
     figures_dir = Path(figures_dir or root / "figures" / name).resolve()
     runs_dir = Path(runs_dir or root / "runs" / name).resolve()
     figures_dir.mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
+    profile_file = save_profile(settings, runs_dir / "profile.yaml")
     all_notebooks = runner.notebooks(Path(notebooks_dir or root / "notebooks"))
     todo = [runner.pick(all_notebooks, only)] if only else all_notebooks
-    commit, dirty = commit_of(root)
-    provenance = {"profile": name, "profile_values": values, "git_commit": commit, "git_dirty": dirty,
-                  "runner": "classfilters.barerun (no Jupyter)", "device": runner.device_name(),
-                  "libraries": runner.versions(), "notebooks": {}}
+    code = provenance.code_state(root, log)
+    record = {"profile": name, "profile_values": values, **code, "runner": "classfilters.barerun (no Jupyter)",
+              "device": provenance.device_name(), "libraries": provenance.versions(), "notebooks": {}}
     prov_path = figures_dir / "provenance.json"
     os.environ["MPLBACKEND"] = "Agg"
     started = time.time()
-    parameters = {"profile": str(profile_path(profile)), "overrides": values, "out_dir": str(figures_dir)}
     for nb in todo:
         log(f"[{name}] {nb.stem} ...")
         t0 = time.time()
         try:
+            parameters = notebook_parameters(nb, profile_file, figures_dir, values)
             skipped = execute(nb, parameters, runs_dir / f"{nb.stem}.log", root)
             entry = {"status": "ok", **({"skipped": skipped} if skipped else {})}
             for note in skipped:
                 log(f"[{name}] {nb.stem}: {note}, skipped")
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             entry = {"status": "failed", "error": str(e).splitlines()[0]}
             log(f"[{name}] {nb.stem} FAILED: {e}\n  printed output: {runs_dir / (nb.stem + '.log')}")
-        entry.update(seconds=round(time.time() - t0, 1), commit=commit,
+        entry.update(provenance.entry_state(code, nb, figures_dir, t0), seconds=round(time.time() - t0, 1),
                      finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        provenance["notebooks"][nb.stem] = entry
-        provenance["total_seconds_this_run"] = round(time.time() - started, 1)
-        prov_path.write_text(json.dumps(provenance, indent=1))
+        record["notebooks"][nb.stem] = entry
+        record["total_seconds_this_run"] = round(time.time() - started, 1)
+        provenance.write(prov_path, record)
         if entry["status"] != "ok":
             return 1
         log(f"[{name}] {nb.stem} ok in {entry['seconds']} s")
-    log(f"[{name}] all done in {provenance['total_seconds_this_run']} s: tables and figures in {figures_dir}")
+    log(f"[{name}] all done in {record['total_seconds_this_run']} s: tables and figures in {figures_dir}")
     return 0
 
 
@@ -151,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--figures", type=Path, help="output folder (default figures/<profile>/)")
     p.add_argument("--runs", type=Path, help="printed output folder (default runs/<profile>/)")
     args = p.parse_args(argv)
-    return run(args.profile, args.only, runner.parse_set(args.set), args.figures, args.runs)
+    return run(args.profile, args.only, parse_set(args.set), args.figures, args.runs)
 
 
 if __name__ == "__main__":

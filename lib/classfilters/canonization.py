@@ -20,6 +20,10 @@ Families: CIFAR ResNets (option-A shortcut), torchvision ResNet / Wide-ResNet, D
 (max |dz| <= rtol * max(1, max |z|)) and that every BatchNorm is now the identity, and otherwise
 undoes everything and raises. `Canonized.remove()` (or leaving the `with` block) restores every
 parameter, buffer and attribute bit for bit.
+
+About 540 lines: the four families' canonizers, the generic folding they share and the checks that
+guard each one; kept in one file so a family's rewrite and its equality check read together (a split
+of the family-specific adapters into their own module, zennit's layout, is a candidate next step).
 """
 from __future__ import annotations
 

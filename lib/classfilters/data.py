@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tarfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,10 +182,12 @@ def _cifar10_torchvision(root: Path, split: str, download: bool) -> ImageSplit:
 def _decoded_tree(path: Path, split: str, name: str, digest: str) -> ImageSplit:
     """A <split>/<class>/<file> tree (folder or tar archive) decoded once and cached as uint8."""
     import torchvision
+
+    from . import archives  # it imports DatasetError from here
     key = {"source": digest, "split": split, "layout": "split/class/file", "torchvision": torchvision.__version__}
     hit = cache.load("decoded", key)
     if hit is None:
-        files = _read_tree(path, split)
+        files = archives.read_tree(path, split)
         classes = sorted(files)
         images, labels = [], []
         for label, cls in enumerate(classes):
@@ -195,57 +195,13 @@ def _decoded_tree(path: Path, split: str, name: str, digest: str) -> ImageSplit:
                 raise DatasetError(f"class '{cls}' has no images in {path} ({split}); the copy is incomplete")
             images += [data for _, data in sorted(files[cls])]
             labels += [label] * len(files[cls])
-        decoded = _decode_all(images, path)
+        decoded = archives.decode_all(images, path)
         hit = {"images": decoded, "labels": torch.tensor(labels),
                "classes": torch.tensor(list("\n".join(classes).encode()), dtype=torch.uint8)}
         cache.save("decoded", key, hit)
     classes = bytes(hit["classes"].tolist()).decode().split("\n")
     return ImageSplit(hit["labels"], classes, name, f"{name}-{digest[:16]}-{split}", images=hit["images"],
                       meta={"source": str(path)})
-
-
-def _read_tree(path: Path, split: str) -> dict[str, list[tuple[str, bytes]]]:
-    files: dict[str, list[tuple[str, bytes]]] = {}
-    if path.is_dir():
-        split_dir = path / split
-        if not split_dir.is_dir():
-            raise DatasetError(f"{path} has no '{split}' folder; expected {path}/{split}/<class>/*.jpg")
-        for cls_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            files[cls_dir.name] = [(f.name, f.read_bytes()) for f in cls_dir.iterdir()
-                                   if f.suffix.lower() in IMAGE_SUFFIXES]
-    else:
-        try:
-            with tarfile.open(path, tarinfo=_EndCheckingTarInfo) as tf:
-                for m in tf:
-                    parts = Path(m.name).parts
-                    parts = parts[parts.index(split):] if split in parts else ()
-                    if len(parts) == 2 and m.isdir():
-                        files.setdefault(parts[1], [])
-                    if len(parts) == 3 and m.isfile() and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
-                        files.setdefault(parts[1], []).append((parts[2], tf.extractfile(m).read()))
-                end = getattr(tf, "end", None)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise DatasetError(f"{path} is not a readable archive ({type(e).__name__}: {e}); it may be "
-                               "truncated or corrupt: copy or download it again") from e
-        if not isinstance(end, tarfile.EOFHeaderError):  # tarfile stops quietly at a cut or a bad header
-            raise DatasetError(f"{path} ends before its end-of-archive marker ({end or 'no end found'}): it is "
-                               "truncated or corrupt and would load with images or classes missing; copy or "
-                               "download it again")
-    if not files:
-        raise DatasetError(f"no '{split}/<class>/<image>' files found in {path}")
-    return files
-
-
-class _EndCheckingTarInfo(tarfile.TarInfo):
-    """Records on the archive why reading stopped: only a zero block (EOFHeaderError) is a proper end."""
-
-    @classmethod
-    def fromtarfile(cls, archive):
-        try:
-            return super().fromtarfile(archive)
-        except tarfile.HeaderError as e:
-            archive.end = e
-            raise
 
 
 def check_same_classes(splits: dict[str, list[str]], num_classes: int | None = None, model: str = "the model") -> None:
@@ -276,20 +232,6 @@ def check_same_classes(splits: dict[str, list[str]], num_classes: int | None = N
     if problems:
         raise DatasetError("; ".join(problems) + ". Every split must hold the same classes as the model "
                            "(the same folder names); fix the copy or pick the matching model.")
-
-
-def _decode_all(blobs: list[bytes], source: Path) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
-    out = []
-    for i, blob in enumerate(blobs):
-        try:
-            out.append(decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), ImageReadMode.RGB))
-        except Exception as e:
-            raise DatasetError(f"image {i} of {source} could not be decoded ({e}); the copy is corrupt") from e
-    shapes = {tuple(t.shape) for t in out}
-    if len(shapes) != 1:
-        raise DatasetError(f"images in {source} have different sizes {sorted(shapes)[:3]}; use imagefolder: for those")
-    return torch.stack(out)
 
 
 # --------------------------------------------------------------------------------------

@@ -165,10 +165,9 @@ def pooled_features(model: FeatureModel, x: torch.Tensor, bf16: bool) -> torch.T
     """phi(x), float32: the body under bf16 autocast when `bf16`, the pooling always in float32
     (outside autocast), so that rounding creates no ties among the pooled features."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        maps = model.forward_maps(x)
+        out = model.body(x)
     with torch.autocast(x.device.type, enabled=False):
-        maps = maps.float()
-        return (model.pool(maps) if maps.dim() == 4 else maps).float()
+        return model.pool_output(out.float()).float()
 
 
 def forward_with_backoff(model, x, chunk: int, bf16: bool, say=print) -> tuple[torch.Tensor, int]:

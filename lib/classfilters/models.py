@@ -126,11 +126,14 @@ class FeatureModel(nn.Module):
                              "(its phi is e.g. a class token, or a pooled vector passed through a norm or an MLP). "
                              f"Use a model that has them: {SPATIAL_MAPS_HINT}.")
 
-    def forward_features(self, x):
-        out = self.body(x)
+    def pool_output(self, out):
+        """phi (N, D) from the body's output: `pool`, else the mean over H, W of 4-d maps."""
         if self.pool is not None:
             return self.pool(out)
         return global_average_pool(out) if out.dim() == 4 else out
+
+    def forward_features(self, x):
+        return self.pool_output(self.body(x))
 
     def forward(self, x):
         return self.head(self.forward_features(x))

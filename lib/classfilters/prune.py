@@ -22,6 +22,9 @@
    differs from the merely zeroed model only by those constants.
 5. "FillZero" afterwards replaces every ≈0 weight of a spatial filter by N(mean, std) of its filter,
    and what is still ≈0 by U(±1/√fan_in). Fine-tune with `train.train_classifier`.
+
+About 370 lines: zeroing, the option-A shortcut's equivalent module with its Torch-Pruning pruner,
+and the physical removal form one pipeline whose steps share the group bookkeeping.
 """
 from __future__ import annotations
 
