@@ -19,9 +19,8 @@ from classfilters import (
     make_mosaic,
     open_dataset,
     search_explanations,
-    summarize,
 )
-from classfilters.explanation_metrics import aopc, mask_tiles, pixel_step, second_moment_normalise
+from classfilters.explanation_metrics import aopc, mask_tiles, pixel_step, second_moment_normalise, summarize
 from classfilters.explanations import layer_groups, started_model
 from classfilters.mosaic import tile_masks
 from classfilters.search import configurations
