@@ -5,6 +5,7 @@ independent recomputation, never from the output under test.
 """
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -86,3 +87,26 @@ def test_cli_scores_the_test_split(tmp_path):
     assert result["test"]["acc_full"] == (logits.argmax(1) == test.labels).float().mean().item()
     masked = features @ (model.head.weight.float() * influence.mask).T + model.head.bias.float()
     assert result["test"]["acc_decomposed"] == (masked.argmax(1) == test.labels).float().mean().item()
+
+
+def test_decomposed_softmax_table_scores_each_class_in_its_subspace():
+    """Planted bug: the "decomposed" softmax table computed from the full head's logits."""
+    from classfilters import tables
+    from classfilters.session import Subject
+    head = nn.Linear(3, 2)
+    head.weight.data = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    head.bias.data = torch.tensor([0.5, -0.5])
+    influence = cf.InfluentialFeatures([[2], [0, 1]], torch.zeros(2, 3, dtype=torch.int64), 1, 2)
+    phi = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    split = cf.ImageSplit(torch.tensor([0, 1, 0]), ["a", "b"], "toy", "toy", images=torch.zeros(3, 1, 2, 2,
+                                                                                                   dtype=torch.uint8))
+    subject = Subject("toy", cf.FeatureModel(nn.Identity(), head), split, split, phi, phi)
+    table = tables.softmax_table(subject, cf.DecomposedHead(head, influence), n=3)
+    z = torch.stack([phi[:, 2] * 3.0 + 0.5, phi[:, 0] * 4.0 + phi[:, 1] * 5.0 - 0.5], 1)  # by hand
+    expected = z.softmax(1)
+    assert table["p_decomposed"].tolist() == pytest.approx(expected.max(1).values.tolist())
+    assert table["pred_decomposed"].tolist() == [["a", "b"][i] for i in expected.argmax(1)]
+    with torch.no_grad():
+        full = head(phi).softmax(1)
+    assert table["p_full"].tolist() == pytest.approx(full.max(1).values.tolist())
+    assert table["p_full"].tolist() != pytest.approx(table["p_decomposed"].tolist())
