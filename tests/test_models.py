@@ -103,3 +103,21 @@ def test_torchvision_weights_and_the_sizes_they_expect():
     assert weights_input_size(torchvision_weights("resnet50", True)) == (232, 224, "bilinear")  # DEFAULT: the newer V2
     with pytest.raises(ValueError, match="no torchvision weights named 'V9'"):
         torchvision_weights("resnet50", "V9")
+
+
+def test_cifar_resnet_wrapper_computes_the_networks_own_forward():
+    """The FeatureModel split of a CIFAR ResNet (body, pooling, head) equals CifarResNet.forward itself."""
+    torch.manual_seed(0)
+    net = CifarResNet(20, 10).eval()
+    with torch.no_grad():
+        for bn in net.modules():  # non-trivial statistics, so that a skipped layer shows
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+    wrapped = as_feature_model(net, "resnet20").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = CifarResNet.forward(net, x)
+        assert torch.allclose(wrapped(x), expected, atol=1e-5)
+        assert torch.allclose(wrapped.head(wrapped.forward_features(x)), expected, atol=1e-5)
+        assert torch.allclose(wrapped.forward_maps(x).mean((2, 3)), wrapped.forward_features(x), atol=1e-6)
