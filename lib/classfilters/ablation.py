@@ -56,7 +56,7 @@ def with_noise(features: torch.Tensor, replace: torch.Tensor, mean: torch.Tensor
     mean and std are floats or (D,) tensors (one per feature). On the features' device; the noise
     is drawn on the CPU, so a seed gives the same draw on every device."""
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-    noise = torch.randn(features.shape, generator=gen, dtype=torch.float32).to(features.device)
+    noise = torch.randn(features.shape, generator=gen, dtype=torch.float32, device="cpu").to(features.device)
     noise = noise * torch.as_tensor(std, device=features.device) + torch.as_tensor(mean, device=features.device)
     return torch.where(replace.to(features.device), noise.to(features.dtype), features)
 

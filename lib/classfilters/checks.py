@@ -49,3 +49,16 @@ def check_features(features: torch.Tensor, what: str = "features") -> tuple[floa
     if not (math.isfinite(lowest) and math.isfinite(highest)):  # NaN propagates through min and max
         raise nonfinite_error(what, (~torch.isfinite(features)).any(1).nonzero().flatten())
     return lowest, highest
+
+
+def check_labels(labels, n: int, num_classes: int | None, what: str = "labels") -> torch.Tensor:
+    """Integer class indices (N,) in [0, num_classes), as int64; anything else is refused."""
+    labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels, device="cpu")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{what} must be integer class indices, got {labels.dtype} (a float label would be "
+                        "truncated): pass e.g. labels.long() after checking they are whole numbers")
+    if labels.shape != (n,):
+        raise ValueError(f"{what} have shape {tuple(labels.shape)} but there are {n} feature rows")
+    if num_classes is not None and n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{what} must lie in [0, {num_classes}); found {int(labels.min())}..{int(labels.max())}")
+    return labels.long()

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_features, resolve_rank_by
-from .influence import InfluentialFeatures, check_labels
+from .checks import check_features, check_labels, resolve_rank_by
+from .influence import InfluentialFeatures
 from .progress import tqdm
 from .sizes import as_size
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import topk_gpu
-from .checks import check_features, check_rank_by, check_shape, nonfinite_error, resolve_rank_by
+from .checks import check_features, check_labels, check_rank_by, check_shape, nonfinite_error, resolve_rank_by
 from .sizes import DEFAULT_K, Size, as_size
 from .topk_cpu import class_histograms_cpu
 
@@ -154,19 +154,6 @@ def warn_zero_rows(zero_rows: int, n: int, what: str) -> None:
         warnings.warn(f"{what}: {zero_rows} of {n} rows are all zero; their top k is the first k indices "
                       "(ties go to the lower index), so the index sets partly reflect feature order, not the "
                       "data. Check the model and the input (a dead layer, a wrong normalisation)", stacklevel=4)
-
-
-def check_labels(labels, n: int, num_classes: int | None, what: str = "labels") -> torch.Tensor:
-    """Integer class indices (N,) in [0, num_classes), as int64; anything else is refused."""
-    labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{what} must be integer class indices, got {labels.dtype} (a float label would be "
-                        "truncated): pass e.g. labels.long() after checking they are whole numbers")
-    if labels.shape != (n,):
-        raise ValueError(f"{what} have shape {tuple(labels.shape)} but there are {n} feature rows")
-    if num_classes is not None and n and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{what} must lie in [0, {num_classes}); found {int(labels.min())}..{int(labels.max())}")
-    return labels.long()
 
 
 def select_indices(histograms: torch.Tensor, k_prime: Size) -> list[list[int]]:
