@@ -305,7 +305,7 @@ def _sum_blocks(cls, forward, when=lambda module: True):
 
 
 def _pool_module(name, module):
-    if isinstance(module, FeatureModel) and module.pool is global_average_pool:
+    if isinstance(module, FeatureModel) and module.pool in (None, global_average_pool):  # None: the mean over H, W
         return {"pool": GlobalAvgPool()}
     return None
 
