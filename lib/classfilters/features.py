@@ -33,7 +33,7 @@ from .checks import check_features
 from .data import FolderImages, ImageSplit
 from .decode import decode_folder_batches
 from .device import default_device, init_distributed, world  # noqa: F401 -- init_distributed: re-exported
-from .models import FeatureModel, fingerprint
+from .models import FeatureModel, fingerprint, global_average_pool
 from .progress import tqdm
 
 
@@ -168,7 +168,9 @@ def pooled_features(model: FeatureModel, x: torch.Tensor, bf16: bool) -> torch.T
         maps = model.forward_maps(x)
     with torch.autocast(x.device.type, enabled=False):
         maps = maps.float()
-        return (model.pool(maps) if maps.dim() == 4 else maps).float()
+        if maps.dim() != 4:
+            return maps.float()
+        return (model.pool(maps) if model.pool is not None else global_average_pool(maps)).float()
 
 
 def forward_with_backoff(model, x, chunk: int, bf16: bool, say=print) -> tuple[torch.Tensor, int]:
