@@ -75,9 +75,9 @@ class Profile:
     explain_search_space: dict[str, list[float]] = field(default_factory=lambda: {
         "low": [0.0, 0.25], "high": [0.0, 0.25]})  # LRP-gamma search: gamma per layer group (low, mid, high,
     # classifier) and epsilon; canonized or not is added where the family has a canonizer
-    explain_search_budget: int = 4  # configurations scored per search at most (the grid, else a seeded sample of it)
+    explain_search_budget: int = 3  # configurations scored per search at most (the grid, else a seeded sample of it)
     explain_search_k: list[int] = field(default_factory=lambda: [2, 5])        # k of the decomposed-logit search
-    explain_search_k_prime: list[int] = field(default_factory=lambda: [2, 5])  # k' of the decomposed-logit search
+    explain_search_k_prime: list[int] = field(default_factory=lambda: [5])  # k' of the decomposed-logit search
     explain_objective: str = "grid_pointing"  # the searches maximise this metric's mean (or aggregate: the
     # canonization paper's normalised mean of grid pointing, faithfulness correlation, sparseness, sensitivity)
     explain_floor: float = 0.0     # configurations whose mean faithfulness correlation is below it are infeasible
