@@ -24,7 +24,11 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 TINY = {"name": "tiny", "dataset": "digits", "model": "resnet8", "models": ["resnet8", "resnet14"],
         "train": {"epochs": 3, "batch_size": 64, "lr": 0.05, "flip": False},
         "grid_k": [1, 2, 4, 8, 16, 32, 64], "depth_k": 5, "k": 5, "k_prime": 5,
-        "finetune_epochs": 2, "finetune_lr": 0.001, "vis_images": 3, "csg_epochs": 2}
+        "finetune_epochs": 2, "finetune_lr": 0.001, "vis_images": 3, "csg_epochs": 2,
+        "explain_methods": ["lrp_epsilon_plus", "gradient_x_input"], "explain_images": 2, "explain_mosaics": 2,
+        "explain_max_tiles": 4, "explain_check_families": ["resnet18"], "explain_search_budget": 2,
+        "explain_search_space": {"low": [0.0, 0.25], "high": [0.0, 0.25]}, "explain_search_k": [2, 5],
+        "explain_search_k_prime": [2], "explain_floor": -1.0}
 
 
 def execute(tmp_path, profile, overrides, only=None):
@@ -51,7 +55,8 @@ def table(folder, name):
 
 
 def test_committed_notebooks_are_clean():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+    numbers = [int(p.stem[:2]) for p in NOTEBOOKS]
+    assert numbers[:7] == [1, 2, 3, 4, 5, 6, 7] and 10 in numbers
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -64,7 +69,8 @@ def test_committed_notebooks_are_clean():
 
 def test_every_output_and_provenance(tiny):
     for name in ("fig2_histogram", "fig2_histograms_all_classes", "overlap_matrix", "fig3_heatmap", "fig4_depth_study",
-                 "retrain_accuracy", "table7_maps", "table8_ablation", "csg_gates_and_mi"):
+                 "retrain_accuracy", "table7_maps", "table8_ablation", "csg_gates_and_mi", "explanation_heatmaps",
+                 "explanation_search", "explanation_search_best_worst"):
         picture = plt.imread(tiny / f"{name}.png")  # a real picture: drawn, not blank
         assert picture.ndim == 3 and len(np.unique(picture.reshape(-1, picture.shape[-1]), axis=0)) > 8, name
         assert (tiny / f"{name}.pdf").read_bytes().startswith(b"%PDF"), name
@@ -166,6 +172,40 @@ def test_csg_tables(tiny):
     assert (mi.mutual_information >= 0).all() and mi.jaccard.between(0, 1).all()
 
 
+def test_explanation_tables(tiny):
+    check = table(tiny, "canonization_check").set_index("model")
+    assert list(check.index) == ["resnet8", "resnet18 (random)"]
+    assert list(check.family) == ["cifar_resnet", "resnet"] and (check.bn_folded > 0).all()
+    assert (check.max_rel_dz <= 1e-5).all() and check.restored_exactly.all()        # the same function, undone exactly
+    assert check.loc["resnet18 (random)", "zennit_0.5.1_dz"] > check.loc["resnet18 (random)", "max_abs_dz"]  # eps kept
+    pointing = table(tiny, "grid_pointing")
+    assert set(pointing.start) == {"full", "influential", "non_influential"} and set(pointing.canonized) == {True, False}
+    assert set(pointing.method) == {"lrp_epsilon_plus", "gradient_x_input"} and len(pointing) == 2 * 3 * 2
+    assert (pointing.n == 2 * 4).all()                                                   # every tile of 2 mosaics
+    assert ((0 <= pointing.grid_pointing_lo) & (pointing.grid_pointing_lo <= pointing.grid_pointing)
+            & (pointing.grid_pointing <= pointing.grid_pointing_hi) & (pointing.grid_pointing_hi <= 1)).all()
+    tiles = table(tiny, "grid_pointing_tiles")
+    assert len(tiles) == 8 * 2 * 3 * 2 and tiles.grid_pointing.dropna().between(0, 1).all()
+    full = tiles[(tiles.start == "full") & (tiles.method == "lrp_epsilon_plus") & tiles.canonized]
+    assert pointing.set_index(["method", "start", "canonized"]).loc[("lrp_epsilon_plus", "full", True), "grid_pointing"] \
+        == pytest.approx(full.grid_pointing.mean())
+    metrics = table(tiny, "explanation_metrics")
+    assert len(metrics) == 2 * 2 and set(metrics.canonized) == {True, False} and (metrics.n == 4).all()
+    for name in ("pixel_flipping_aopc", "faithfulness_correlation", "relevance_mass", "grid_pointing", "sparseness",
+                 "random_logit", "avg_sensitivity"):
+        ok = metrics[name].notna()
+        assert ok.any(), name
+        assert ((metrics[f"{name}_lo"] <= metrics[name] + 1e-12) & (metrics[name] <= metrics[f"{name}_hi"] + 1e-12))[ok].all()
+    for name in ("relevance_mass", "grid_pointing", "sparseness"):
+        assert metrics[name].dropna().between(0, 1).all(), name
+    gammas = table(tiny, "explanation_search_gamma")
+    assert len(gammas) == 2 and {"low", "high", "canonize", "grid_pointing", "faithfulness_correlation",
+                                 "feasible"} <= set(gammas.columns)
+    assert gammas.feasible.all() and gammas.grid_pointing.is_monotonic_decreasing   # floor -1: best first
+    ks = table(tiny, "explanation_search_k")
+    assert sorted(ks.k) == [2, 5] and (ks.k_prime == 2).all() and ks.grid_pointing.between(0, 1).all()
+
+
 @pytest.fixture(scope="module")
 def fake_imagenet(tmp_path_factory):
     """Two classes x two generated JPEGs in train/ and val/ (64x64, resized to 256 and cropped to 224)."""
@@ -184,7 +224,8 @@ def fake_imagenet(tmp_path_factory):
 def test_imagenet_profile_with_random_weights(tmp_path, fake_imagenet):
     overrides = {"dataset": f"imagefolder:{fake_imagenet}", "weights": "random", "model": "resnet18",
                  "models": ["resnet18"], "k": 5, "k_prime": 5, "depth_k": 5, "grid_k": [1, 5, 20],
-                 "max_train": None, "batch_size": 4, "vis_images": 2, "finetune_epochs": 1}
+                 "max_train": None, "batch_size": 4, "vis_images": 2, "finetune_epochs": 1, "explain_images": 1,
+                 "explain_methods": ["gradient_x_input"]}
     out = execute(tmp_path, "imagenet", overrides)  # all seven notebooks, streamed 224 px images
     grid = table(out, "fig3_grid")
     assert len(grid) == 9 and grid.acc_decomposed.between(0, 1).all()
@@ -193,6 +234,9 @@ def test_imagenet_profile_with_random_weights(tmp_path, fake_imagenet):
     assert depth.family[0] == "ResNet (ImageNet)"
     assert len(table(out, "table_index_sets")) == 2
     assert len(table(out, "table7_maps")) == 2 and len(table(out, "table1_csg")) == 3
+    check = table(out, "canonization_check")  # 2 classes: no 2x2 mosaics, so the pointing game etc. say so and skip
+    assert list(check.model) == ["resnet18"] and check.restored_exactly.all() and (check.max_rel_dz <= 1e-5).all()
+    assert (out / "explanation_heatmaps.png").is_file() and not (out / "explanation_search.png").exists()
 
 
 def test_cifar10_profile_on_the_shared_data(tmp_path, shared_data, monkeypatch):

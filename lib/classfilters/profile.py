@@ -61,6 +61,26 @@ class Profile:
     csg_epochs: int = 6            # CSG training epochs, from the profile's model
     csg_lr: float = 0.02           # CSG peak learning rate
     csg_lambda: float = 0.01       # CSG sparsity weight
+    # --- explanations of class-specific features (notebook 10)
+    explain_methods: list[str] = field(default_factory=lambda: ["lrp_epsilon_plus", "gradient_x_input"])  # methods of
+    # the pointing game and the metric table (classfilters.METHODS); heatmaps use the first
+    explain_images: int = 3        # test images (first of each class) in the heatmap figure
+    explain_mosaics: int = 3       # 2x2 mosaics of four test images of distinct classes (4 tiles explained each)
+    explain_max_tiles: int = 4     # mosaic tiles scored by the metric table and by each search configuration
+    explain_metrics: list[str] = field(default_factory=lambda: [
+        "pixel_flipping_aopc", "faithfulness_correlation", "relevance_mass", "grid_pointing", "sparseness",
+        "random_logit", "avg_sensitivity"])  # metric table (explanation_metrics.METRICS; model_randomisation is costly)
+    explain_check_families: list[str] = field(default_factory=lambda: ["resnet18"])  # torchvision architectures
+    # canonized beside the profile's model (random weights and BatchNorm statistics) in the canonization check
+    explain_search_space: dict[str, list[float]] = field(default_factory=lambda: {
+        "low": [0.0, 0.25], "high": [0.0, 0.25]})  # LRP-gamma search: gamma per layer group (low, mid, high,
+    # classifier) and epsilon; canonized or not is added where the family has a canonizer
+    explain_search_budget: int = 3  # configurations scored per search at most (the grid, else a seeded sample of it)
+    explain_search_k: list[int] = field(default_factory=lambda: [2, 5])        # k of the decomposed-logit search
+    explain_search_k_prime: list[int] = field(default_factory=lambda: [5])  # k' of the decomposed-logit search
+    explain_objective: str = "grid_pointing"  # the searches maximise this metric's mean (or aggregate: the
+    # canonization paper's normalised mean of grid pointing, faithfulness correlation, sparseness, sensitivity)
+    explain_floor: float = 0.0     # configurations whose mean faithfulness correlation is below it are infeasible
 
     def __post_init__(self):
         if isinstance(self.train, dict):
