@@ -166,16 +166,20 @@ def prune_sweep(model: FeatureModel, train: ImageSplit, test: ImageSplit, pcts=(
 
 
 def class_subset_table(model: FeatureModel, train: ImageSplit, test: ImageSplit, subsets, pct: float = 90,
-                       recipe: Recipe | None = None, seed: int = 0) -> pd.DataFrame:
-    """One `class_subset_model` report per class subset (e.g. ["cat,dog", "airplane,ship,truck"])."""
-    rows = []
+                       recipe: Recipe | None = None, seed: int = 0, k=5, k_prime=5, max_images: int | None = 2048,
+                       device=None, return_models: bool = False):
+    """One `class_subset_model` report per class subset (e.g. ["cat,dog", "airplane,ship,truck"]).
+    With `return_models`, (table, [small model per subset])."""
+    rows, models = [], []
     for subset in subsets:
-        _, report = class_subset_model(model, train, subset, pct, recipe=recipe, test=test, seed=seed)
+        small, report = class_subset_model(model, train, subset, pct, k, k_prime, recipe=recipe, test=test,
+                                           max_images=max_images, seed=seed, device=device)
+        models.append(small)
         rows.append({"classes": "+".join(report["classes"]), "pct": pct,
                      **{k: report[k] for k in ("params_full", "params_small", "macs_full", "macs_small",
                                                "latency_ms_full", "latency_ms_small", "acc_full", "acc_pruned",
                                                "acc_finetuned")}})
-    return pd.DataFrame(rows)
+    return (pd.DataFrame(rows), models) if return_models else pd.DataFrame(rows)
 
 
 def class_specific_report(models: dict[str, FeatureModel], train: ImageSplit, test: ImageSplit, k=5, k_prime=5,

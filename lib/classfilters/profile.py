@@ -65,15 +65,16 @@ class Profile:
     fix_model: str | None = "resnet8"  # trained from scratch per init in notebook 8 (None: the profile's model's architecture)
     fix_inits: list[str] = field(default_factory=lambda: ["learned", "DCT2"])  # learned | DCT2 GHaar Psine Unchanged KRandom
     fix_epochs: int = 2            # training epochs of each init (the rest of the recipe: `train`)
-    spectra_null_draws: int = 50   # random-filter draws of the low-frequency null
+    spectra_null_draws: int = 20   # random-filter draws of the low-frequency null
+    prune_model: str | None = "resnet8"  # the trained model pruned in notebook 9 (None: the profile's model)
     prune_pcts: list[float] = field(default_factory=lambda: [50, 90, 99])  # ChannelPrune percentages (notebook 9)
     prune_epochs: int = 1          # fine-tuning epochs after pruning (0: none)
     prune_lr: float = 0.02         # fine-tuning peak learning rate after pruning
     prune_keep_per_layer: int = 1  # each layer's most salient filters spared (0: the paper's purely global rule)
-    prune_max_images: int = 512    # images whose gradients give the filter saliency
-    subset_classes: list[str] = field(default_factory=lambda: ["3,8", "0,1,7"])  # class subsets (names or indices)
+    prune_max_images: int = 256    # images whose gradients give the filter saliency
+    subset_classes: list[str] = field(default_factory=lambda: ["3,8"])  # class subsets, each "a,b,..." (names or indices)
     subset_pct: float = 90         # percentage of spatial filters zeroed for a class subset
-    subset_epochs: int = 1         # fine-tuning epochs of the class-subset model
+    subset_epochs: int = 5         # fine-tuning epochs of the class-subset model (on its classes' images only)
 
     def __post_init__(self):
         if isinstance(self.train, dict):
