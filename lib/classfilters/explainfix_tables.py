@@ -29,8 +29,7 @@ from torch import nn
 
 from . import cache
 from .ablation import noise_ablation, summarize
-from .class_subset import export_subset_model
-from .class_subset import class_subset_model, latency_ms, predict
+from .class_subset import class_subset_model, export_subset_model, latency_ms, predict
 from .data import ImageSplit
 from .decomposed import accuracy, evaluate
 from .features import extract_features
