@@ -412,3 +412,20 @@ def test_removing_every_channel_of_a_group_is_refused_unless_one_is_kept():
         prune_channels(model, x)
     pruned, _ = prune_channels(model, x, keep_one_channel=True)
     assert pruned.body.model.layer2[0].conv1.out_channels == 1
+
+
+def test_models_without_spatial_maps_are_refused_before_any_work(digits):
+    """phi from a class token or a pooled-then-normed vector: the spatial convs are not ExplainFix's."""
+    body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+    model = FeatureModel(body, nn.Linear(16, 10), pool=lambda x: x.mean((2, 3)), spatial_maps=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    from classfilters.spectra import spectra as spectra_table  # `classfilters.spectra` may be the module
+    for call in (lambda: fix_spatial_filters(model, "DCT2"), lambda: spectra_table(model),
+                 lambda: low_frequency_share(model), lambda: channel_prune(model, digits[0], 50),
+                 lambda: filter_saliency(model, digits[0])):
+        with pytest.raises(ValueError, match="ExplainFix's spatial convolutions: .*no spatial feature maps"):
+            call()
+    assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in model.named_parameters())
+    from classfilters.explainfix_tables import skip_reason
+    assert "no spatial feature maps" in skip_reason(model, digits[0])
+    assert skip_reason(small_resnet(), digits[0]) is None

@@ -55,8 +55,7 @@ def table(folder, name):
 
 
 def test_committed_notebooks_are_clean():
-    numbers = [int(p.stem[:2]) for p in NOTEBOOKS]
-    assert numbers[:7] == [1, 2, 3, 4, 5, 6, 7] and 10 in numbers
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -172,6 +171,50 @@ def test_csg_tables(tiny):
     assert (mi.mutual_information >= 0).all() and mi.jaccard.between(0, 1).all()
 
 
+def test_fixed_filter_tables(tiny):
+    inits = table(tiny, "explainfix_initialisations").set_index("init")
+    assert list(inits.index) == ["learned", "DCT2"] and (inits.params == inits.params["learned"]).all()
+    assert inits.trainable_params["learned"] == inits.params["learned"]             # nothing fixed
+    assert inits.trainable_params["DCT2"] < 0.1 * inits.trainable_params["learned"]  # only BN and the head learn
+    assert inits.acc["learned"] > 0.5 and inits.acc["DCT2"] > 0.15 and (inits.seconds_per_epoch > 0).all()
+    models = ["resnet8 (profile)", "resnet8 learned", "resnet8 DCT2"]
+    low = table(tiny, "explainsteer_low_frequency")
+    assert list(low.model.unique()) == models and low.low_share.between(0, 1).all()
+    assert np.allclose(low.null_mean, 1 / 3, atol=0.03) and (low.null_lo <= low.null_hi).all()
+    spectra = table(tiny, "explainsteer_spectra")
+    ed = spectra[spectra.spectrum == "ed"]
+    assert (ed.energy >= 0).all() and (ed.groupby(["model", "layer"]).size() == 9).all()
+    assert list(spectra.model.unique()) == models and spectra.weighted.all()
+    at_k = table(tiny, "explainfix_relative_at_k").set_index("model")
+    assert list(at_k.index) == models and at_k.relative.between(0.2, 1.2).all()
+    assert at_k.acc_full["resnet8 DCT2"] == pytest.approx(inits.acc["DCT2"])  # the same model in both tables
+    diagonal = table(tiny, "explainfix_relative_diagonal")
+    assert set(diagonal.model) == set(models)
+    assert np.allclose(diagonal[diagonal.k == 64].relative, 1.0)                  # k' = D: the full head
+    noise = table(tiny, "explainfix_table8")
+    authors = noise[(noise.noise == "standard_normal") & noise.authors_table8].set_index(["model", "replaced"])["mean"]
+    assert authors["resnet8 learned", "influential"] < authors["resnet8 learned", "non_influential_all"] + 0.1
+
+
+def test_pruning_tables(tiny):
+    sweep = table(tiny, "prune_sweep")
+    assert list(sweep.pct) == [0, 50, 90, 99]
+    for column in ("macs", "params", "kernels"):
+        assert sweep[column].is_monotonic_decreasing and sweep[column].iloc[-1] < 0.2 * sweep[column].iloc[0], column
+    pruned = sweep[sweep.pct > 0]
+    assert (pruned.acc >= pruned.acc_before_finetune - 0.02).all()               # fine-tuning recovers
+    assert sweep.acc[0] > 0.5 and sweep.acc[1] > 0.5 and (sweep.latency_ms > 0).all()
+    at_k = table(tiny, "prune_relative_at_k")
+    assert list(at_k.model) == ["resnet8", "pruned 50%", "pruned 90%", "pruned 99%"]
+    assert np.allclose(at_k.acc_full, sweep.acc) and np.allclose(at_k.relative, sweep.relative)
+    assert len(table(tiny, "prune_table8")) == 4 * 11
+    subset = table(tiny, "class_subset").iloc[0]
+    assert subset.classes == "3+8" and subset.params_small < subset.params_full and subset.macs_small < subset.macs_full
+    assert subset.acc_full > 0.8 and 0 <= subset.acc_finetuned <= 1
+    export = table(tiny, "class_subset_export").iloc[0]
+    assert export.equal and export.same_decisions and export.max_abs_diff < 1e-4 and export.bytes_pt2 > 0
+
+
 def test_explanation_tables(tiny):
     check = table(tiny, "canonization_check").set_index("model")
     assert list(check.index) == ["resnet8", "resnet18 (random)"]
@@ -234,6 +277,11 @@ def test_imagenet_profile_with_random_weights(tmp_path, fake_imagenet):
     assert depth.family[0] == "ResNet (ImageNet)"
     assert len(table(out, "table_index_sets")) == 2
     assert len(table(out, "table7_maps")) == 2 and len(table(out, "table1_csg")) == 3
+    executed = (out.parent / "runs" / "09_pruning.ipynb").read_text()
+    assert "skipped: " in executed and "in-memory split" in executed  # ExplainFix says why it does not run
+    assert not (out / "prune_sweep.csv").exists() and not (out / "explainfix_initialisations.csv").exists()
+
+
     check = table(out, "canonization_check")  # 2 classes: no 2x2 mosaics, so the pointing game etc. say so and skip
     assert list(check.model) == ["resnet18"] and check.restored_exactly.all() and (check.max_rel_dz <= 1e-5).all()
     assert (out / "explanation_heatmaps.png").is_file() and not (out / "explanation_search.png").exists()

@@ -10,6 +10,12 @@
   latency, accuracy before / after fine-tuning, fine-tuning seconds per epoch, relative accuracy.
 - `class_specific_table`: relative accuracy at k = k' for any dict of models (learned, fixed, pruned).
 - `class_subset_table`: `class_subset_model` reports for several class subsets.
+- `class_specific_report`: for several models (learned, fixed, pruned), our class-specific features
+  in three tables: relative accuracy at (k, k'), along the diagonal k = k', and Table 8 (noise in
+  place of the influential vs non-influential features), features extracted once per model.
+- `export_and_check`: `export_subset_model`, then model.pt2 loaded back with plain
+  `torch.export.load` and compared with the model on test images (sizes on disk, max difference).
+- `skip_reason`: why ExplainFix cannot run on a model / split (None when it can), for the notebooks.
 """
 from __future__ import annotations
 
@@ -22,14 +28,22 @@ import torch
 from torch import nn
 
 from . import cache
-from .class_subset import class_subset_model, latency_ms, predict
+from .ablation import noise_ablation, summarize
+from .class_subset import class_subset_model, export_subset_model, latency_ms, predict
 from .data import ImageSplit
 from .decomposed import accuracy, evaluate
 from .features import extract_features
-from .fixed_filters import INITS, _canonical_init, fix_spatial_filters, spatial_convs, trainable_parameters
+from .fixed_filters import (
+    INITS,
+    _canonical_init,
+    check_has_spatial_convs,
+    fix_spatial_filters,
+    spatial_convs,
+    trainable_parameters,
+)
 from .influence import influential_features
 from .models import FeatureModel, build_model, fingerprint
-from .prune import channel_prune, check_pct, macs_and_params
+from .prune import channel_prune, check_pct, check_prunable, macs_and_params
 from .spectra import low_frequency_share
 from .train import Recipe, train_classifier
 
@@ -42,6 +56,7 @@ def train_fixed(name: str, train: ImageSplit, init: str = "learned", recipe: Rec
     in_channels = train.images.shape[1]
     torch.manual_seed(seed)
     model = build_model(name, num_classes=train.num_classes, in_channels=in_channels)
+    check_has_spatial_convs(model)  # refused before any training, learned or not
     if init != "learned":
         fix_spatial_filters(model, init, source=source, seed=seed)
     key = {"model": name, "data": train.fingerprint, "recipe": asdict(recipe), "seed": seed, "init": init,
@@ -80,22 +95,25 @@ def class_specific_table(models: dict[str, FeatureModel], train: ImageSplit, tes
 
 def compare_initialisations(name: str, train: ImageSplit, test: ImageSplit, inits=("learned", "Unchanged", "KRandom",
                             "DCT2", "GHaar", "Psine"), recipe: Recipe | None = None, seed: int = 0,
-                            source: nn.Module | None = None, k=5, k_prime=5, device=None) -> pd.DataFrame:
+                            source: nn.Module | None = None, k=5, k_prime=5, device=None, return_models: bool = False):
     """Train `name` from scratch once per init (same recipe and seed): accuracy, parameters, speed,
-    relative accuracy at (k, k'). GuidedSteer needs `source` (a trained model of the same architecture)."""
+    relative accuracy at (k, k'). GuidedSteer needs `source` (a trained model of the same architecture).
+    With `return_models`, (table, {init: model})."""
     for init in inits:  # every name checked before any training
         if init != "learned":
             _canonical_init(init)
+    check_has_spatial_convs(build_model(name, num_classes=train.num_classes, in_channels=train.images.shape[1]))
     if any(i.lower() == "guidedsteer" for i in inits) and source is None:
         raise ValueError(f"GuidedSteer needs source=<a trained {name}>; the inits are learned, {', '.join(INITS)}")
-    rows = []
+    rows, models = [], {}
     for init in inits:
         model, seconds = train_fixed(name, train, init, recipe, seed, source, device)
+        models[init] = model
         r = _relative(model, train, test, k, k_prime)
         rows.append({"init": init, "acc": r["acc_full"], "acc_decomposed": r["acc_decomposed"], "relative": r["relative"],
                      "trainable_params": trainable_parameters(model),
                      "params": sum(p.numel() for p in model.parameters()), "seconds_per_epoch": seconds})
-    return pd.DataFrame(rows)
+    return (pd.DataFrame(rows), models) if return_models else pd.DataFrame(rows)
 
 
 def low_frequency_table(models: dict[str, nn.Module], null_draws: int = 200, seed: int = 0) -> pd.DataFrame:
@@ -106,12 +124,15 @@ def low_frequency_table(models: dict[str, nn.Module], null_draws: int = 200, see
 
 def prune_sweep(model: FeatureModel, train: ImageSplit, test: ImageSplit, pcts=(50, 90, 99), saliency: str = "grad",
                 recipe: Recipe | None = None, fixed: str | None = None, k=5, k_prime=5, max_images: int | None = 2048,
-                seed: int = 0, keep_per_layer: int = 0, device=None) -> pd.DataFrame:
+                seed: int = 0, keep_per_layer: int = 0, device=None, return_models: bool = False):
     """ChannelPrune at each percentage, then fine-tune (`recipe`, default 1 epoch at lr 0.02; with
     `fixed`, the pruned model's spatial filters are fixed at that init first, as the paper's runs).
-    The first row (pct 0) is the unpruned model."""
+    The first row (pct 0) is the unpruned model. With `return_models`, (table, {"pruned <pct>%": model})."""
     for pct in pcts:
         check_pct(pct)
+    check_prunable(model)
+    if train.images is None:
+        raise ValueError("prune_sweep needs an in-memory split (digits, CIFAR-10)")
     if fixed is not None:
         _canonical_init(fixed)
     recipe = recipe if recipe is not None else Recipe(epochs=1, lr=0.02, flip=train.name != "digits")
@@ -127,6 +148,7 @@ def prune_sweep(model: FeatureModel, train: ImageSplit, test: ImageSplit, pcts=(
 
     rows = [{**row(0, model, accuracy(predict(model, test), test.labels), float("nan")),
              "macs": macs_and_params(model, example[:1])[0]}]
+    models = {}
     for pct in pcts:
         pruned, report = channel_prune(model, train, pct, saliency, max_images=max_images, seed=seed,
                                        keep_per_layer=keep_per_layer, device=device)
@@ -138,17 +160,75 @@ def prune_sweep(model: FeatureModel, train: ImageSplit, test: ImageSplit, pcts=(
             train_classifier(pruned, train, recipe, device, seed, progress=False)
         seconds = (time.perf_counter() - start) / max(recipe.epochs, 1) if recipe.epochs else float("nan")
         rows.append({**row(pct, pruned.cpu().eval(), acc_before, seconds), "macs": report["macs_after"]})
-    return pd.DataFrame(rows)
+        models[f"pruned {pct:g}%"] = pruned
+    return (pd.DataFrame(rows), models) if return_models else pd.DataFrame(rows)
 
 
 def class_subset_table(model: FeatureModel, train: ImageSplit, test: ImageSplit, subsets, pct: float = 90,
-                       recipe: Recipe | None = None, seed: int = 0) -> pd.DataFrame:
-    """One `class_subset_model` report per class subset (e.g. ["cat,dog", "airplane,ship,truck"])."""
-    rows = []
+                       recipe: Recipe | None = None, seed: int = 0, k=5, k_prime=5, max_images: int | None = 2048,
+                       device=None, return_models: bool = False):
+    """One `class_subset_model` report per class subset (e.g. ["cat,dog", "airplane,ship,truck"]).
+    With `return_models`, (table, [small model per subset])."""
+    rows, models = [], []
     for subset in subsets:
-        _, report = class_subset_model(model, train, subset, pct, recipe=recipe, test=test, seed=seed)
+        small, report = class_subset_model(model, train, subset, pct, k, k_prime, recipe=recipe, test=test,
+                                           max_images=max_images, seed=seed, device=device)
+        models.append(small)
         rows.append({"classes": "+".join(report["classes"]), "pct": pct,
                      **{k: report[k] for k in ("params_full", "params_small", "macs_full", "macs_small",
                                                "latency_ms_full", "latency_ms_small", "acc_full", "acc_pruned",
                                                "acc_finetuned")}})
-    return pd.DataFrame(rows)
+    return (pd.DataFrame(rows), models) if return_models else pd.DataFrame(rows)
+
+
+def class_specific_report(models: dict[str, FeatureModel], train: ImageSplit, test: ImageSplit, k=5, k_prime=5,
+                          diagonal=(1, 2, 5, 10, 20), seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Our class-specific features of each model: {"at_k": relative accuracy at (k, k'), "diagonal":
+    relative accuracy at k = k' for each value of `diagonal` up to D, "ablation": Table 8 (noise in
+    place of I_y vs outside it, `ablation.noise_ablation`: mean and std over the draws)}."""
+    at_k, along, noise = [], [], []
+    for label, model in models.items():
+        model = model.cpu().eval()
+        phi_train = extract_features(model, train, device="cpu", progress=False, use_cache=False)
+        phi_test = extract_features(model, test, device="cpu", progress=False, use_cache=False)
+        influence = influential_features(phi_train, train.labels, k, k_prime, num_classes=train.num_classes)
+        r = evaluate(model.head, influence, phi_test, test.labels)
+        at_k.append({"model": label, "k": k, "k_prime": k_prime, "acc_full": r["acc_full"],
+                     "acc_decomposed": r["acc_decomposed"], "relative": r["relative"]})
+        for size in [s for s in diagonal if s <= model.num_features]:
+            inf = influential_features(phi_train, train.labels, size, size, num_classes=train.num_classes)
+            along.append({"model": label, "k": size, **evaluate(model.head, inf, phi_test, test.labels)})
+        rows = noise_ablation(model.head.cpu().float(), influence, phi_test, test.labels, phi_train, seed)
+        noise += [{"model": label, **row} for row in summarize(rows)]
+    return {"at_k": pd.DataFrame(at_k), "diagonal": pd.DataFrame(along), "ablation": pd.DataFrame(noise)}
+
+
+def export_and_check(model: FeatureModel, folder, train: ImageSplit, test: ImageSplit, base: str,
+                     classes: list[str] | None = None, atol: float = 1e-4) -> dict:
+    """`export_subset_model` to `folder`, then model.pt2 loaded back with plain `torch.export.load` and run
+    on (up to 256 of) `test`'s images in [0, 1]: its logits against the model's. Returns the files' sizes
+    (bytes), the largest absolute difference and whether they agree within `atol`."""
+    paths = export_subset_model(model, folder, train, base, classes)
+    loaded = torch.export.load(str(paths["pt2"])).module()
+    images = test.images[:256].float() / 255
+    with torch.inference_mode():
+        ours = copy.deepcopy(model).cpu().eval()(train.normalize(test.images[:256]))
+        theirs = loaded(images)
+    diff = float((ours - theirs).abs().max())
+    return {**{f"bytes_{kind}": path.stat().st_size for kind, path in paths.items()},
+            "images": len(images), "max_abs_diff": diff, "equal": diff <= atol,
+            "same_decisions": bool((ours.argmax(1) == theirs.argmax(1)).all())}
+
+
+def skip_reason(model: nn.Module, split: ImageSplit) -> str | None:
+    """Why ExplainFix's fixed filters, spectra or pruning cannot run here, or None: a model without
+    spatial maps or spatial convs, or a streamed split (image folders: training from scratch and
+    saliency need the images in memory)."""
+    if isinstance(model, FeatureModel) and not model.has_spatial_maps:
+        return f"{model.name} has no spatial feature maps: ExplainFix's spatial convolutions do not apply"
+    if not spatial_convs(model):
+        return f"{getattr(model, 'name', type(model).__name__)} has no spatial convolution"
+    if split.images is None:
+        return (f"{split.name} is streamed from an image folder: ExplainFix's training and saliency need an "
+                "in-memory split (digits, CIFAR-10)")
+    return None

@@ -30,6 +30,8 @@ import math
 import torch
 from torch import nn
 
+from .models import FeatureModel
+
 INITS = ("DCT2", "GHaar", "Psine", "Unchanged", "KRandom", "GuidedSteer")
 
 
@@ -45,6 +47,10 @@ def spatial_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 
 def check_has_spatial_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """The spatial convs of `model`; a model without any, or a FeatureModel whose phi is not the spatial
+    mean of channel maps (a ViT's patch embedding is a conv, but not ExplainFix's), is refused here."""
+    if isinstance(model, FeatureModel):
+        model.require_spatial_maps("ExplainFix's spatial convolutions")
     convs = spatial_convs(model)
     if not convs:
         kinds = sorted({type(m).__name__ for m in model.modules() if next(m.parameters(recurse=False), None) is not None})

@@ -61,6 +61,20 @@ class Profile:
     csg_epochs: int = 6            # CSG training epochs, from the profile's model
     csg_lr: float = 0.02           # CSG peak learning rate
     csg_lambda: float = 0.01       # CSG sparsity weight
+    # --- ExplainFix (notebooks 8 and 9; skipped where the model has no spatial maps or the split is streamed)
+    fix_model: str | None = "resnet8"  # trained from scratch per init in notebook 8 (None: the profile's model's architecture)
+    fix_inits: list[str] = field(default_factory=lambda: ["learned", "DCT2"])  # learned | DCT2 GHaar Psine Unchanged KRandom
+    fix_epochs: int = 2            # training epochs of each init (the rest of the recipe: `train`)
+    spectra_null_draws: int = 20   # random-filter draws of the low-frequency null
+    prune_model: str | None = "resnet8"  # the trained model pruned in notebook 9 (None: the profile's model)
+    prune_pcts: list[float] = field(default_factory=lambda: [50, 90, 99])  # ChannelPrune percentages (notebook 9)
+    prune_epochs: int = 1          # fine-tuning epochs after pruning (0: none)
+    prune_lr: float = 0.02         # fine-tuning peak learning rate after pruning
+    prune_keep_per_layer: int = 1  # each layer's most salient filters spared (0: the paper's purely global rule)
+    prune_max_images: int = 256    # images whose gradients give the filter saliency
+    subset_classes: list[str] = field(default_factory=lambda: ["3,8"])  # class subsets, each "a,b,..." (names or indices)
+    subset_pct: float = 90         # percentage of spatial filters zeroed for a class subset
+    subset_epochs: int = 5         # fine-tuning epochs of the class-subset model (on its classes' images only)
     # --- explanations of class-specific features (notebook 10)
     explain_methods: list[str] = field(default_factory=lambda: ["lrp_epsilon_plus", "gradient_x_input"])  # methods of
     # the pointing game and the metric table (classfilters.METHODS); heatmaps use the first
@@ -99,6 +113,15 @@ class Profile:
     def csg_recipe(self) -> Recipe:
         """The training recipe with the CSG epochs and learning rate."""
         return Recipe(**{**asdict(self.train), "epochs": self.csg_epochs, "lr": self.csg_lr})
+
+    def fix_recipe(self) -> Recipe:
+        """The training recipe with the ExplainFix epochs (notebook 8)."""
+        return Recipe(**{**asdict(self.train), "epochs": self.fix_epochs})
+
+    def prune_recipe(self, epochs: int | None = None) -> Recipe:
+        """Fine-tuning after pruning: the training recipe with `prune_epochs` (or `epochs`) and `prune_lr`."""
+        return Recipe(**{**asdict(self.train), "epochs": self.prune_epochs if epochs is None else epochs,
+                         "lr": self.prune_lr})
 
 
 SETTINGS = {f.name for f in fields(Profile)}
