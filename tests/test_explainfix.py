@@ -419,7 +419,7 @@ def test_models_without_spatial_maps_are_refused_before_any_work(digits):
     body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
     model = FeatureModel(body, nn.Linear(16, 10), pool=lambda x: x.mean((2, 3)), spatial_maps=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    from classfilters.spectra import spectra as spectra_table  # `classfilters.spectra` may be the module
+    from classfilters.explainsteer import spectra as spectra_table
     for call in (lambda: fix_spatial_filters(model, "DCT2"), lambda: spectra_table(model),
                  lambda: low_frequency_share(model), lambda: channel_prune(model, digits[0], 50),
                  lambda: filter_saliency(model, digits[0])):

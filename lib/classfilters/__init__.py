@@ -6,7 +6,7 @@ the (k, k') grid; ablation.py; overlap.py; with sizes.py and checks.py for their
 pipeline (data.py, decode.py, models.py, features.py, device.py, cache.py), training and extensions
 (recipe.py, train.py, csg.py, visualize.py; explanations of a class's influential features:
 canonization.py, explanations.py, explanation_metrics.py, mosaic.py for the grid pointing game,
-search.py; ExplainFix: fixed_filters.py, spectra.py, saliency.py, prune.py, class_subset.py,
+search.py; ExplainFix: fixed_filters.py, explainsteer.py (spectra), saliency.py, prune.py, class_subset.py,
 explainfix_tables.py), the study (profile.py, session.py, tables.py,
 widgets.py) and the faces (cli.py, runner.py, the notebooks).
 
@@ -33,7 +33,8 @@ _EXPORTS = {
     "EmbedShortcut": "prune", "channel_prune": "prune", "fill_zero": "prune", "macs_and_params": "prune",
     "mask_prunable": "prune", "prune_channels": "prune", "zero_least_salient": "prune",
     "filter_saliency": "saliency",
-    "layer_spectrum": "spectra", "low_frequency_share": "spectra", "spectra": "spectra", "spectra_figure": "spectra",
+    "layer_spectrum": "explainsteer", "low_frequency_share": "explainsteer", "spectra": "explainsteer",
+    "spectra_figure": "explainsteer",
     "CacheWarning": "cache",
     "CanonizationError": "canonization", "Canonized": "canonization", "SUPPORTED_FAMILIES": "canonization",
     "canonization_check": "canonization", "canonize": "canonization",

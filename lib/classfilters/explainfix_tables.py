@@ -44,7 +44,7 @@ from .fixed_filters import (
 from .influence import influential_features
 from .models import FeatureModel, build_model, fingerprint
 from .prune import channel_prune, check_pct, check_prunable, macs_and_params
-from .spectra import low_frequency_share
+from .explainsteer import low_frequency_share
 from .train import Recipe, train_classifier
 
 
