@@ -146,10 +146,19 @@ def test_visualization_table(tiny):
 
 
 def test_ablation_table(tiny):
-    wide = table(tiny, "table8_ablation").set_index(["variant", "head"])
-    for setting in [("authors", "full"), ("matched", "decomposed")]:
-        row = wide.loc[setting]
-        assert row["influential"] < row["non-influential"] <= row["no_noise"] + 0.02, setting  # influential noise hurts more
+    summary = table(tiny, "table8_ablation").set_index(["noise", "head", "replaced"])
+    mean = summary["mean"]
+    for noise, head in [("standard_normal", "full"), ("matched", "decomposed")]:
+        influential = mean[noise, head, "influential"]
+        assert influential < mean[noise, head, "non_influential_matched_size"], (noise, head)  # influential noise hurts more
+        assert mean[noise, head, "non_influential_matched_size"] <= mean["none", head, "nothing"] + 0.02, (noise, head)
+    noisy = summary.drop(index="none", level="noise")
+    assert (noisy.draws == 10).all() and (noisy["std"] >= 0).all()
+    authors = summary[summary.authors_table8].reset_index()
+    assert sorted(authors.replaced) == ["influential", "non_influential_all", "nothing"]
+    assert (authors["head"] == "full").all() and set(authors.noise) == {"none", "standard_normal"}
+    long = table(tiny, "table8_ablation_long")
+    assert len(long) == 2 + 10 * 3 * 3 and set(long.draw) == set(range(10))
 
 
 def test_csg_tables(tiny):

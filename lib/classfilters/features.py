@@ -33,7 +33,7 @@ from .checks import check_features
 from .data import FolderImages, ImageSplit
 from .decode import decode_folder_batches
 from .device import default_device, init_distributed, world  # noqa: F401 -- init_distributed: re-exported
-from .models import FeatureModel, fingerprint
+from .models import FeatureModel, fingerprint, global_average_pool
 from .progress import tqdm
 
 
@@ -165,10 +165,12 @@ def pooled_features(model: FeatureModel, x: torch.Tensor, bf16: bool) -> torch.T
     """phi(x), float32: the body under bf16 autocast when `bf16`, the pooling always in float32
     (outside autocast), so that rounding creates no ties among the pooled features."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        maps = model.forward_maps(x)
+        out = model.body(x)                    # as FeatureModel.forward_features, pooled below in float32
     with torch.autocast(x.device.type, enabled=False):
-        maps = maps.float()
-        return (model.pool(maps) if maps.dim() == 4 else maps).float()
+        out = out.float()
+        if model.pool is not None:
+            return model.pool(out).float()
+        return (global_average_pool(out) if out.dim() == 4 else out).float()
 
 
 def forward_with_backoff(model, x, chunk: int, bf16: bool, say=print) -> tuple[torch.Tensor, int]:
