@@ -100,6 +100,10 @@ def test_influence_tables(tiny):
     assert len(sets) == 10 and (sets["size"] == 5).all() and sets.mass_covered.between(0, 1).all()
     jaccard = pd.read_csv(tiny / "overlap_jaccard.csv", index_col=0).to_numpy()
     assert np.allclose(np.diag(jaccard), 1) and np.allclose(jaccard, jaccard.T) and (jaccard >= 0).all()
+    mi = pd.read_csv(tiny / "overlap_mutual_information.csv", index_col=0).to_numpy()
+    summary = table(tiny, "overlap_summary")
+    assert summary.mutual_information_paper[0] == pytest.approx(mi.mean())  # all C^2 pairs, the paper's
+    assert summary.mutual_information_distinct_pairs[0] == pytest.approx(mi[~np.eye(10, dtype=bool)].mean())
 
 
 def test_k_sweep_relations(tiny):
@@ -164,9 +168,13 @@ def test_ablation_table(tiny):
 def test_csg_tables(tiny):
     t1 = table(tiny, "table1_csg")
     assert len(t1) == 3 and t1.accuracy.between(0.3, 1).all()
+    assert list(t1.csg_start) == ["n/a (no CSG)", "from resnet8", "from resnet8"]  # TINY: csg_from model
+    assert t1.l1_density[1:].between(0, 1).all() and t1.nonzero_fraction[1:].between(0, 1).all()
+    assert t1.l1_density[1] == t1.l1_density[2] and t1.l1_density[1] < 0.5  # the gates shrink from their 0.5 start
     mi = table(tiny, "csg_mutual_information")
     assert list(mi.method) == ["ours (Algorithm 1)", "CSG lowest gates (authors' code)", "CSG highest gates (sound)"]
-    assert (mi.mutual_information >= 0).all() and mi.jaccard.between(0, 1).all()
+    assert (mi.mutual_information_distinct_pairs >= 0).all() and mi.jaccard_distinct_pairs.between(0, 1).all()
+    assert (mi.mutual_information_paper > mi.mutual_information_distinct_pairs).all()  # self-pairs add entropy
 
 
 @pytest.fixture(scope="module")

@@ -60,13 +60,18 @@ class Profile:
     vis_images: int = 6            # images in Table 7
     csg_epochs: int = 6            # CSG training epochs, from the profile's model
     csg_lr: float = 0.02           # CSG peak learning rate
-    csg_lambda: float = 0.01       # CSG sparsity weight
+    csg_lambda: float = 0.01       # CSG sparsity weight lam of lam * relu(||G||_1 - 0.2 |G|) (the official code: 1e-3)
+    csg_gate_lr: float = 0.08      # the gates' own Adam learning rate (constant; csg.py: gated steps * lr >~ 5 to close)
+    csg_from: str = "model"        # CSG starts from the profile's trained `model` (cheap) or from `scratch` (the CSG paper)
 
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = Recipe(**self.train)
         self.k, self.k_prime = as_size(self.k, None, "k"), as_size(self.k_prime, None, "k_prime")
         self.depth_k = as_size(self.depth_k, None, "depth_k")
+        if self.csg_from not in ("model", "scratch"):
+            raise ValueError(f"csg_from must be 'model' (CSG from the trained model) or 'scratch' (a fresh one), "
+                             f"got {self.csg_from!r}")
 
     def replace(self, **settings) -> Profile:
         """A copy with `settings` changed (checked as a profile file's); a value None keeps the current one."""

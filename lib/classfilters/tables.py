@@ -15,7 +15,7 @@ import torch
 
 from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
 from .influence import InfluentialFeatures
-from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
+from .overlap import jaccard_matrix, mean_over_all_class_pairs, mean_pairwise, mutual_information_matrix
 from .session import Study, Subject
 from .sizes import grid_sizes
 from .train import finetune_head
@@ -57,11 +57,15 @@ def overlap_frames(mask: torch.Tensor, classes: list[str]) -> tuple[pd.DataFrame
 
 
 def overlap_summary(influence: InfluentialFeatures) -> pd.DataFrame:
-    """Mean pairwise Jaccard and mutual information of the classes' index sets."""
+    """Mean Jaccard and mutual information of the classes' index sets. The mutual information twice:
+    `_paper`, the paper's averaging over all C^2 ordered class pairs, self-pairs included (comparable
+    with its 0.0345), and `_distinct_pairs`, ours over the C (C - 1) pairs of different classes."""
     mask = influence.mask
+    mi = mutual_information_matrix(mask)
     return pd.DataFrame([{"k": influence.k, "k_prime": influence.k_prime,
-                          "mean_jaccard": mean_pairwise(jaccard_matrix(mask)),
-                          "mean_mutual_information": mean_pairwise(mutual_information_matrix(mask))}])
+                          "mean_jaccard_distinct_pairs": mean_pairwise(jaccard_matrix(mask)),
+                          "mutual_information_paper": mean_over_all_class_pairs(mi),
+                          "mutual_information_distinct_pairs": mean_pairwise(mi)}])
 
 
 def grid_table(subject: Subject, ks, k_primes) -> pd.DataFrame:
@@ -181,14 +185,23 @@ def ablation_tables(subject: Subject, influence: InfluentialFeatures, seed: int 
     return long, pd.DataFrame(summarize(rows))
 
 
-def csg_tables(study: Study, subject: Subject, gated, csg_subject: Subject, influence: InfluentialFeatures):
-    """Table 1 (accuracy of both CSG paths) and the overlap / MI comparison of index sets."""
+def csg_tables(study: Study, subject: Subject, gated, csg_subject: Subject, influence: InfluentialFeatures,
+               csg_from: str = "model"):
+    """Table 1 (accuracy of both CSG paths, with the gates' L1-density and non-zero fraction, and how CSG
+    started: from the trained `model` or from `scratch`) and the overlap / MI comparison of index sets."""
     from . import csg
 
     paths = csg.path_accuracies(gated, csg_subject.test_features, subject.test.labels)
-    table1 = pd.DataFrame([{"model": f"{subject.name} (standard training)", "path": "standard", "accuracy": subject.full_accuracy},
-                           {"model": f"{subject.name} + CSG", "path": "standard", "accuracy": paths["standard"]},
-                           {"model": f"{subject.name} + CSG", "path": "gated (true-label gates)", "accuracy": paths["gated"]}])
+    started = {"model": f"from {subject.name}", "scratch": "from scratch"}[csg_from]
+    density = {"l1_density": csg.l1_density(gated.gates), "nonzero_fraction": csg.nonzero_fraction(gated.gates)}
+    nan = {"l1_density": float("nan"), "nonzero_fraction": float("nan")}
+    table1 = pd.DataFrame([
+        {"model": f"{subject.name} (standard training)", "path": "standard", "csg_start": "n/a (no CSG)",
+         "accuracy": subject.full_accuracy, **nan},
+        {"model": f"{subject.name} + CSG", "path": "standard", "csg_start": started, "accuracy": paths["standard"],
+         **density},
+        {"model": f"{subject.name} + CSG", "path": "gated (true-label gates)", "csg_start": started,
+         "accuracy": paths["gated"], **density}])
     k_prime = study.profile.k_prime if isinstance(study.profile.k_prime, int) else max(map(len, influence.indices))
     sets = {"ours (Algorithm 1)": (influence.mask, subject),
             "CSG lowest gates (authors' code)": (csg.gate_mask(gated.gates, k_prime, "lowest"), csg_subject),
@@ -197,7 +210,10 @@ def csg_tables(study: Study, subject: Subject, gated, csg_subject: Subject, infl
     for method, (mask, r) in sets.items():
         with torch.no_grad():
             acc = accuracy(DecomposedHead(r.head, mask)(r.test_features), r.test.labels)
-        rows.append({"method": method, "k_prime": k_prime, "mutual_information": mean_pairwise(mutual_information_matrix(mask)),
-                     "jaccard": mean_pairwise(jaccard_matrix(mask)), "acc_decomposed": acc,
+        mi = mutual_information_matrix(mask)
+        rows.append({"method": method, "k_prime": k_prime,
+                     "mutual_information_paper": mean_over_all_class_pairs(mi),  # all C^2 pairs (the paper's)
+                     "mutual_information_distinct_pairs": mean_pairwise(mi),      # ours: different classes only
+                     "jaccard_distinct_pairs": mean_pairwise(jaccard_matrix(mask)), "acc_decomposed": acc,
                      "relative": acc / r.full_accuracy})
     return table1, pd.DataFrame(rows)
