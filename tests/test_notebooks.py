@@ -129,9 +129,13 @@ def test_depth_study_table(tiny, digits_model):
     assert depth.acc_full[2] == pytest.approx(saved["acc_full"]) and depth.acc_decomposed[2] == pytest.approx(saved["acc_decomposed"])
     assert np.allclose(depth["k'/D"], 5 / 64) and np.allclose(depth["k'/C"], 0.5)
     assert np.allclose(depth.relative, depth.acc_decomposed / depth.acc_full)
+    for name in ("acc_full", "acc_decomposed", "relative"):  # paired-bootstrap intervals hold their estimate
+        assert (depth[f"{name}_lo"] <= depth[name]).all() and (depth[name] <= depth[f"{name}_hi"]).all(), name
+        assert (depth[f"{name}_hi"] - depth[f"{name}_lo"] > 0).all(), name
     assert (depth.acc_full > 0.5).all() and depth.relative.between(0.3, 1.2).all()
     curves = table(tiny, "fig4_relative_vs_k")
     assert set(curves.model) == {"resnet8", "resnet14", "resnet8@saved"} and (curves.k == curves.k_prime).all()
+    assert (curves.relative_lo <= curves.relative).all() and (curves.relative <= curves.relative_hi).all()
 
 
 def test_retrain_tables(tiny):
@@ -302,3 +306,31 @@ def test_models_see_an_image_folder_at_their_own_size(tmp_path, fake_imagenet):
     direct = extract_features(small, open_dataset(f"imagefolder:{fake_imagenet}", "train", (40, 32)), use_cache=False,
                               progress=False)
     assert torch.allclose(runs["small"].train_features, direct, atol=1e-5)
+
+
+def test_session_subsets_copies_heads_and_uses_models_own_normalisation(tmp_path, fake_imagenet):
+    """`max_train` keeps an image folder a folder (batched decoding); a subject's head is a copy (the
+    model's own stays as it is); a model with its own mean/std gets its split standardised so."""
+    import dataclasses
+
+    from classfilters import build_model, extract_features
+    from classfilters.data import FolderImages
+    from classfilters.session import open_study
+    S = open_study("imagenet", tmp_path, {"name": "t", "dataset": f"imagefolder:{fake_imagenet}", "weights": "random",
+                                          "batch_size": 4, "max_train": 3, "max_test": None})
+    torch.manual_seed(0)
+    plain, own = (build_model("resnet18", num_classes=2).eval() for _ in range(2))
+    own.mean, own.std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    plain.head.to(torch.float64)
+    S._add({"plain": plain, "own": own})
+    subjects = S._subjects
+    train = subjects["plain"].train
+    assert len(train) == 3 and isinstance(train.dataset, FolderImages) and len(subjects["plain"].test) == 4
+    assert subjects["own"].train.mean == own.mean and subjects["own"].train.std == own.std
+    assert subjects["plain"].train.mean != own.mean
+    direct = extract_features(own, dataclasses.replace(train, mean=own.mean, std=own.std), use_cache=False,
+                              progress=False)
+    assert torch.allclose(subjects["own"].train_features, direct, atol=1e-5)
+    head = subjects["plain"].head
+    assert head.weight.dtype == torch.float32 and plain.head.weight.dtype == torch.float64  # not converted in place
+    assert head is not plain.head

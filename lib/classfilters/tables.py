@@ -1,13 +1,13 @@
 """The tables of each section of the paper, as pandas frames, from a study's subjects.
 
 Fig 2 and the overlap (§4): `index_table`, `overlap_frames`, `overlap_summary`; Fig 3 (§5.1):
-`grid_table`; Tables 2-6 and Fig 4 (§5.2): `depth_table`, `depth_curves`, grouped by `family`;
+`grid_table`; Tables 2-6 and Fig 4 (§5.2) on the profile's dataset (the paper's are ImageNet): `depth_table`,
+`depth_curves`, grouped by `family`, with paired-bootstrap intervals over the test images;
 §5.2.3: `retrain`, `softmax_table`; Table 7: `visual_table`; Table 8: `ablation_tables`;
 Table 1 and the CSG comparison: `csg_tables`. Each returns frames the notebooks save and plot.
 """
 from __future__ import annotations
 
-import math
 import re
 
 import pandas as pd
@@ -15,31 +15,25 @@ import torch
 
 from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
 from .influence import InfluentialFeatures
+from .models import model_family
 from .overlap import jaccard_matrix, mean_over_all_class_pairs, mean_pairwise, mutual_information_matrix
-from .session import Study, Subject
+from .session import Study, Subject, architecture
 from .sizes import grid_sizes
 from .train import finetune_head
+from .uncertainty import bootstrap_accuracy, correct_predictions, diagonal_intervals
 
 
 def family(name: str) -> str:
-    """The paper's model families: its tables group the depth study by these (plus any `@tag`)."""
-    name, _, tag = name.partition("@")
-    label = base_family(name)
+    """The model family of a profile's model name, for grouping the depth study (`models.model_family` of
+    its architecture), with any `@tag` kept: "resnet20@shared" -> "ResNet (CIFAR), shared"."""
+    _, _, tag = name.partition("@")
+    label = model_family(architecture(name))
     return f"{label}, {tag}" if tag else label
 
 
 def slug(text: str) -> str:
     """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared"."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def base_family(name: str) -> str:
-    for prefix, label in (("wide_resnet", "Wide ResNet"), ("densenet", "DenseNet"),
-                          ("efficientnet", "EfficientNet"), ("timm:", "timm")):
-        if name.startswith(prefix):
-            return label
-    depth = int(re.sub(r"\D", "", name) or 0)
-    return "ResNet (ImageNet)" if name.startswith("resnet") and depth in (18, 34, 50, 101, 152) else "ResNet (CIFAR)"
 
 
 def index_table(influence: InfluentialFeatures, classes: list[str]) -> pd.DataFrame:
@@ -82,41 +76,39 @@ def grid_table(subject: Subject, ks, k_primes) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def depth_row(study: Study, subject: Subject, k: int) -> dict:
-    """Tables 2-6: one model's D, k'/C, k'/D and accuracies at k = k' (a k above D is an error)."""
+def depth_row(study: Study, subject: Subject, k: int, seed: int = 0) -> dict:
+    """Tables 2-6 on the profile's dataset: one model's D, k'/C, k'/D and accuracies at k = k' (a k above D is
+    an error), each accuracy with its 95 % paired-bootstrap interval over the test images (`_lo`, `_hi`:
+    uncertainty.py; the relative accuracy's interval comes from the same resamples as its two accuracies)."""
     d, c, n = subject.model.num_features, subject.model.num_classes, len(subject.test)
-    result = evaluate(subject.head, study.influence(subject, k, k), subject.test_features, subject.test.labels)
-    low, high = wilson_interval(result["acc_decomposed"], n)
-    full = result["acc_full"]
+    inf = study.influence(subject, k, k)
+    result = evaluate(subject.head, inf, subject.test_features, subject.test.labels)
+    boot = bootstrap_accuracy(*correct_predictions(subject.head, inf, subject.test_features, subject.test.labels),
+                              seed=seed)
+    intervals = {f"{name}{end}": boot[f"{name}{end}"] for name in ("acc_full", "acc_decomposed", "relative")
+                 for end in ("_lo", "_hi")}
     return {"family": family(subject.name), "model": subject.name, "D": d, "C": c, "k": k, "k_prime": k,
-            "k'/C": k / c, "k'/D": k / d, "acc_decomposed": result["acc_decomposed"], "acc_full": full,
-            "relative": result["relative"], "relative_low": low / full if full else float("nan"),
-            "relative_high": high / full if full else float("nan"), "n_test": n,
+            "k'/C": k / c, "k'/D": k / d, "acc_decomposed": result["acc_decomposed"], "acc_full": result["acc_full"],
+            "relative": result["relative"], **intervals, "n_test": n,
             "multiply_adds_full": result["multiply_adds_full"],
             "multiply_adds_decomposed": result["multiply_adds_decomposed"]}
 
 
-def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95 % Wilson score interval of an accuracy `p` measured on `n` images."""
-    if n == 0:
-        return float("nan"), float("nan")
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def depth_table(study: Study, k: int) -> pd.DataFrame:
-    """Tables 2-6: every model of the profile at k = k', grouped by family."""
-    return pd.DataFrame([depth_row(study, subject, k) for subject in study.load_all()])
+    """Tables 2-6 on the profile's dataset (not the paper's ImageNet unless the profile is): every model of
+    the profile at k = k', grouped by family, with bootstrap intervals."""
+    return pd.DataFrame([depth_row(study, subject, k, study.profile.seed) for subject in study.load_all()])
 
 
 def depth_curves(study: Study, ks) -> pd.DataFrame:
-    """Fig 4: relative accuracy along k = k' for every model of the profile (values above a model's D dropped)."""
+    """Fig 4 on the profile's dataset: full, decomposed and relative accuracy along k = k' for every model
+    of the profile (values above a model's D dropped), with paired-bootstrap intervals (`_lo`, `_hi`)."""
     frames = []
     for subject in study.load_all():
         axis = grid_sizes(ks, subject.model.num_features, f"k of {subject.name}")
-        grid = grid_table(subject, axis, axis)
-        frames.append(grid[grid.k == grid.k_prime].assign(model=subject.name, family=family(subject.name)))
+        rows = diagonal_intervals(subject.head, subject.train_features, subject.train.labels, subject.test_features,
+                                  subject.test.labels, axis, seed=study.profile.seed)
+        frames.append(pd.DataFrame(rows).assign(model=subject.name, family=family(subject.name)))
     return pd.concat(frames, ignore_index=True)
 
 
