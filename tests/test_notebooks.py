@@ -144,6 +144,13 @@ def test_retrain_tables(tiny):
     assert history.test_acc.iloc[-1] >= history.test_acc.iloc[0] - 0.02   # fine-tuning does not hurt
     cost = table(tiny, "retrain_cost")
     assert list(cost.multiply_adds) == [640, 50]
+    network = table(tiny, "retrain_network")
+    assert list(network.retrained) == ["nothing (full head)", "nothing (masked weights)",
+                                       "decomposed head only (cached features)", "whole network (body + decomposed head)"]
+    assert network.test_acc[1] == pytest.approx(history.test_acc.iloc[0])
+    assert network.test_acc[2] == pytest.approx(history.test_acc.iloc[-1])
+    assert network.test_acc[3] > network.test_acc[1]  # the whole network recovers from the masked weights
+    assert np.allclose(network.relative, network.test_acc / network.test_acc[0])
     assert len(table(tiny, "decomposed_softmax")) == 5
 
 

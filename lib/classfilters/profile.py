@@ -57,6 +57,8 @@ class Profile:
     depth_k: int = DEFAULT_K       # k = k' of the depth study (the paper: 50 on ImageNet)
     finetune_epochs: int = 5       # retraining the decomposed head (the authors: 1 on CIFAR-10, ~10 on ImageNet)
     finetune_lr: float = 0.001     # Adam (the authors: 1e-4 on CIFAR-10, 1e-6 on ImageNet)
+    finetune_network_lr: float = 0.01  # whole-network fine-tuning (notebook 04): peak lr of train_classifier's
+    #                                    SGD + Nesterov one-cycle (the authors: Adam 1e-4, which the library lacks)
     vis_images: int = 6            # images in Table 7
     csg_epochs: int = 6            # CSG training epochs, from the profile's model
     csg_lr: float = 0.02           # CSG peak learning rate
