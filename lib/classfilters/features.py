@@ -165,7 +165,7 @@ def pooled_features(model: FeatureModel, x: torch.Tensor, bf16: bool) -> torch.T
     """phi(x), float32: the body under bf16 autocast when `bf16`, the pooling always in float32
     (outside autocast), so that rounding creates no ties among the pooled features."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model.body(x)                    # as FeatureModel.forward_features, pooled below in float32
+        out = model.forward_maps(x) if model.has_spatial_maps else model.body(x)  # pooled below in float32
     with torch.autocast(x.device.type, enabled=False):
         out = out.float()
         if model.pool is not None:
