@@ -111,6 +111,10 @@ def test_influence_tables(tiny):
     assert len(sets) == 10 and (sets["size"] == 5).all() and sets.mass_covered.between(0, 1).all()
     jaccard = pd.read_csv(tiny / "overlap_jaccard.csv", index_col=0).to_numpy()
     assert np.allclose(np.diag(jaccard), 1) and np.allclose(jaccard, jaccard.T) and (jaccard >= 0).all()
+    mi = pd.read_csv(tiny / "overlap_mutual_information.csv", index_col=0).to_numpy()
+    summary = table(tiny, "overlap_summary")
+    assert summary.mutual_information_paper[0] == pytest.approx(mi.mean())  # all C^2 pairs, the paper's
+    assert summary.mutual_information_distinct_pairs[0] == pytest.approx(mi[~np.eye(10, dtype=bool)].mean())
 
 
 def test_k_sweep_relations(tiny):
@@ -136,9 +140,13 @@ def test_depth_study_table(tiny, digits_model):
     assert depth.acc_full[2] == pytest.approx(saved["acc_full"]) and depth.acc_decomposed[2] == pytest.approx(saved["acc_decomposed"])
     assert np.allclose(depth["k'/D"], 5 / 64) and np.allclose(depth["k'/C"], 0.5)
     assert np.allclose(depth.relative, depth.acc_decomposed / depth.acc_full)
+    for name in ("acc_full", "acc_decomposed", "relative"):  # paired-bootstrap intervals hold their estimate
+        assert (depth[f"{name}_lo"] <= depth[name]).all() and (depth[name] <= depth[f"{name}_hi"]).all(), name
+        assert (depth[f"{name}_hi"] - depth[f"{name}_lo"] > 0).all(), name
     assert (depth.acc_full > 0.5).all() and depth.relative.between(0.3, 1.2).all()
     curves = table(tiny, "fig4_relative_vs_k")
     assert set(curves.model) == {"resnet8", "resnet14", "resnet8@saved"} and (curves.k == curves.k_prime).all()
+    assert (curves.relative_lo <= curves.relative).all() and (curves.relative <= curves.relative_hi).all()
 
 
 def test_retrain_tables(tiny):
@@ -147,6 +155,13 @@ def test_retrain_tables(tiny):
     assert history.test_acc.iloc[-1] >= history.test_acc.iloc[0] - 0.02   # fine-tuning does not hurt
     cost = table(tiny, "retrain_cost")
     assert list(cost.multiply_adds) == [640, 50]
+    network = table(tiny, "retrain_network")
+    assert list(network.retrained) == ["nothing (full head)", "nothing (masked weights)",
+                                       "decomposed head only (cached features)", "whole network (body + decomposed head)"]
+    assert network.test_acc[1] == pytest.approx(history.test_acc.iloc[0])
+    assert network.test_acc[2] == pytest.approx(history.test_acc.iloc[-1])
+    assert network.test_acc[3] > network.test_acc[1]  # the whole network recovers from the masked weights
+    assert np.allclose(network.relative, network.test_acc / network.test_acc[0])
     assert len(table(tiny, "decomposed_softmax")) == 5
 
 
@@ -157,18 +172,31 @@ def test_visualization_table(tiny):
 
 
 def test_ablation_table(tiny):
-    wide = table(tiny, "table8_ablation").set_index(["variant", "head"])
-    for setting in [("authors", "full"), ("matched", "decomposed")]:
-        row = wide.loc[setting]
-        assert row["influential"] < row["non-influential"] <= row["no_noise"] + 0.02, setting  # influential noise hurts more
+    summary = table(tiny, "table8_ablation").set_index(["noise", "head", "replaced"])
+    mean = summary["mean"]
+    for noise, head in [("standard_normal", "full"), ("matched", "decomposed")]:
+        influential = mean[noise, head, "influential"]
+        assert influential < mean[noise, head, "non_influential_matched_size"], (noise, head)  # influential noise hurts more
+        assert mean[noise, head, "non_influential_matched_size"] <= mean["none", head, "nothing"] + 0.02, (noise, head)
+    noisy = summary.drop(index="none", level="noise")
+    assert (noisy.draws == 10).all() and (noisy["std"] >= 0).all()
+    authors = summary[summary.authors_table8].reset_index()
+    assert sorted(authors.replaced) == ["influential", "non_influential_all", "nothing"]
+    assert (authors["head"] == "full").all() and set(authors.noise) == {"none", "standard_normal"}
+    long = table(tiny, "table8_ablation_long")
+    assert len(long) == 2 + 10 * 3 * 3 and set(long.draw) == set(range(10))
 
 
 def test_csg_tables(tiny):
     t1 = table(tiny, "table1_csg")
     assert len(t1) == 3 and t1.accuracy.between(0.3, 1).all()
+    assert list(t1.csg_start) == ["n/a (no CSG)", "from resnet8", "from resnet8"]  # TINY: csg_from model
+    assert t1.l1_density[1:].between(0, 1).all() and t1.nonzero_fraction[1:].between(0, 1).all()
+    assert t1.l1_density[1] == t1.l1_density[2] and t1.l1_density[1] < 0.5  # the gates shrink from their 0.5 start
     mi = table(tiny, "csg_mutual_information")
     assert list(mi.method) == ["ours (Algorithm 1)", "CSG lowest gates (authors' code)", "CSG highest gates (sound)"]
-    assert (mi.mutual_information >= 0).all() and mi.jaccard.between(0, 1).all()
+    assert (mi.mutual_information_distinct_pairs >= 0).all() and mi.jaccard_distinct_pairs.between(0, 1).all()
+    assert (mi.mutual_information_paper > mi.mutual_information_distinct_pairs).all()  # self-pairs add entropy
 
 
 def test_fixed_filter_tables(tiny):
@@ -383,3 +411,31 @@ def test_models_see_an_image_folder_at_their_own_size(tmp_path, fake_imagenet):
     direct = extract_features(small, open_dataset(f"imagefolder:{fake_imagenet}", "train", (40, 32)), use_cache=False,
                               progress=False)
     assert torch.allclose(runs["small"].train_features, direct, atol=1e-5)
+
+
+def test_session_subsets_copies_heads_and_uses_models_own_normalisation(tmp_path, fake_imagenet):
+    """`max_train` keeps an image folder a folder (batched decoding); a subject's head is a copy (the
+    model's own stays as it is); a model with its own mean/std gets its split standardised so."""
+    import dataclasses
+
+    from classfilters import build_model, extract_features
+    from classfilters.data import FolderImages
+    from classfilters.session import open_study
+    S = open_study("imagenet", tmp_path, {"name": "t", "dataset": f"imagefolder:{fake_imagenet}", "weights": "random",
+                                          "batch_size": 4, "max_train": 3, "max_test": None})
+    torch.manual_seed(0)
+    plain, own = (build_model("resnet18", num_classes=2).eval() for _ in range(2))
+    own.mean, own.std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    plain.head.to(torch.float64)
+    S._add({"plain": plain, "own": own})
+    subjects = S._subjects
+    train = subjects["plain"].train
+    assert len(train) == 3 and isinstance(train.dataset, FolderImages) and len(subjects["plain"].test) == 4
+    assert subjects["own"].train.mean == own.mean and subjects["own"].train.std == own.std
+    assert subjects["plain"].train.mean != own.mean
+    direct = extract_features(own, dataclasses.replace(train, mean=own.mean, std=own.std), use_cache=False,
+                              progress=False)
+    assert torch.allclose(subjects["own"].train_features, direct, atol=1e-5)
+    head = subjects["plain"].head
+    assert head.weight.dtype == torch.float32 and plain.head.weight.dtype == torch.float64  # not converted in place
+    assert head is not plain.head

@@ -13,6 +13,7 @@ and the extraction, and rank 0 writes the result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -200,6 +201,8 @@ def compute(args: argparse.Namespace, started: float, rank: int) -> int:
     check_sizes(args, model)
     if model.input_size and train.images is None:  # an image folder, at the size the weights expect
         train, test = (open_dataset(args.dataset, which, model.input_size) for which in ("train", "test"))
+    if model.mean is not None and model.std is not None:  # standardised as the weights expect
+        train, test = (dataclasses.replace(s, mean=tuple(model.mean), std=tuple(model.std)) for s in (train, test))
     check_same_classes({"train": train.classes, "test": test.classes}, num_classes=model.num_classes,
                        model=f"{args.model}" + (f" from {args.checkpoint}" if args.checkpoint else ""))
     kw = {"batch_size": args.batch_size, "device": args.device, "use_cache": use_cache}

@@ -57,10 +57,14 @@ class Profile:
     depth_k: int = DEFAULT_K       # k = k' of the depth study (the paper: 50 on ImageNet)
     finetune_epochs: int = 5       # retraining the decomposed head (the authors: 1 on CIFAR-10, ~10 on ImageNet)
     finetune_lr: float = 0.001     # Adam (the authors: 1e-4 on CIFAR-10, 1e-6 on ImageNet)
+    finetune_network_lr: float = 0.01  # whole-network fine-tuning (notebook 04): peak lr of train_classifier's
+    #                                    SGD + Nesterov one-cycle (the authors: Adam 1e-4, which the library lacks)
     vis_images: int = 6            # images in Table 7
     csg_epochs: int = 6            # CSG training epochs, from the profile's model
     csg_lr: float = 0.02           # CSG peak learning rate
-    csg_lambda: float = 0.01       # CSG sparsity weight
+    csg_lambda: float = 0.01       # CSG sparsity weight lam of lam * relu(||G||_1 - 0.2 |G|) (the official code: 1e-3)
+    csg_gate_lr: float = 0.08      # the gates' own Adam learning rate (constant; csg.py: gated steps * lr >~ 5 to close)
+    csg_from: str = "model"        # CSG starts from the profile's trained `model` (cheap) or from `scratch` (the CSG paper)
     # --- ExplainFix (notebooks 8 and 9; skipped where the model has no spatial maps or the split is streamed)
     fix_model: str | None = "resnet8"  # trained from scratch per init in notebook 8 (None: the profile's model's architecture)
     fix_inits: list[str] = field(default_factory=lambda: ["learned", "DCT2"])  # learned | DCT2 GHaar Psine Unchanged KRandom
@@ -101,6 +105,9 @@ class Profile:
             self.train = Recipe(**self.train)
         self.k, self.k_prime = as_size(self.k, None, "k"), as_size(self.k_prime, None, "k_prime")
         self.depth_k = as_size(self.depth_k, None, "depth_k")
+        if self.csg_from not in ("model", "scratch"):
+            raise ValueError(f"csg_from must be 'model' (CSG from the trained model) or 'scratch' (a fresh one), "
+                             f"got {self.csg_from!r}")
 
     def replace(self, **settings) -> Profile:
         """A copy with `settings` changed (checked as a profile file's); a value None keeps the current one."""

@@ -19,6 +19,7 @@ it, so one profile can hold a checkpoint and a freshly trained model of the same
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pandas as pd
 import torch
 
 from .data import ImageSplit, check_same_classes, folder_transform, open_dataset
-from .decomposed import accuracy
+from .decomposed import accuracy, head_on
 from .features import extract_features_many
 from .influence import InfluentialFeatures, influential_features
 from .models import FeatureModel, build_model
@@ -47,15 +48,18 @@ def dataset_spec(spec: str) -> str:
 
 
 def limit(split: ImageSplit, n: int | None, seed: int = 0) -> ImageSplit:
-    """At most `n` images of `split`, drawn at random once (in dataset order), or the split itself."""
+    """At most `n` images of `split`, drawn at random once (in dataset order), or the split itself. A
+    subset by `ImageSplit.subset`: an image folder's stays a folder, decoded in batches as the whole."""
     if not n or n >= len(split):
         return split
-    index = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    if split.images is not None:
-        return split.subset(index)
-    return ImageSplit(split.labels[index], split.classes, split.name, f"{split.fingerprint}[first{n}-seed{seed}]",
-                      dataset=torch.utils.data.Subset(split.dataset, index.tolist()), mean=split.mean,
-                      std=split.std, meta=split.meta)
+    return split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values)
+
+
+def normalized_as(split: ImageSplit, model: FeatureModel) -> ImageSplit:
+    """`split` standardised with the model's own mean and std where its weights bring them, else as it is."""
+    if model.mean is None or model.std is None:
+        return split
+    return dataclasses.replace(split, mean=tuple(model.mean), std=tuple(model.std))
 
 
 def architecture(name: str) -> str:
@@ -75,7 +79,8 @@ class Subject:
 
     @property
     def head(self) -> torch.nn.Linear:
-        return self.model.head.cpu().float()
+        """A float32 CPU copy of the model's head (the model itself stays where it is)."""
+        return head_on(self.model.head, "cpu")
 
     @property
     def classes(self) -> list[str]:
@@ -128,6 +133,8 @@ class Study:
             torch.manual_seed(p.seed)
             num_classes = None if p.weights == "pretrained" else train.num_classes
             pretrained = (p.pretrained_weights or True) if p.weights == "pretrained" else False
+            if pretrained and arch.startswith("timm:"):  # timm's own pretrained tag; a torchvision weights name is not one
+                pretrained = True
             return build_model(arch, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained)
         if p.weights != "train":
             raise ValueError(f"weights must be train, pretrained or random (or list the model under checkpoints), "
@@ -151,15 +158,18 @@ class Study:
 
     def _add(self, models: dict[str, FeatureModel]) -> None:
         """Features of `models`: one pass over each split for all the models that see the images
-        the same way (an image folder is decoded as each model's `input_size` says: resize, crop,
-        interpolation)."""
+        the same way: an image folder decoded as each model's `input_size` says (resize, crop,
+        interpolation), and standardised with the model's own mean and std where it has them."""
         p = self.profile
         kw = {"batch_size": p.batch_size, "device": p.device, "progress": p.progress}
         folder = p.dataset.startswith("imagefolder")  # only image folders are decoded at a chosen size
-        sizes = {name: folder_transform(m.input_size) if folder else None for name, m in models.items()}
-        for size in dict.fromkeys(sizes.values()):
-            group = {name: m for name, m in models.items() if sizes[name] == size}
-            train, test = self.split("train", size), self.split("test", size)
+        views = {name: (folder_transform(m.input_size) if folder else None,
+                        None if m.mean is None else tuple(m.mean), None if m.std is None else tuple(m.std))
+                 for name, m in models.items()}
+        for view in dict.fromkeys(views.values()):
+            group = {name: m for name, m in models.items() if views[name] == view}
+            first = next(iter(group.values()))
+            train, test = (normalized_as(self.split(which, view[0]), first) for which in ("train", "test"))
             phi_train, phi_test = extract_features_many(group, train, **kw), extract_features_many(group, test, **kw)
             for name, model in group.items():
                 self._subjects[name] = Subject(name, model, train, test, phi_train[name], phi_test[name])

@@ -1,45 +1,43 @@
 """The tables of each section of the paper, as pandas frames, from a study's subjects.
 
 Fig 2 and the overlap (§4): `index_table`, `overlap_frames`, `overlap_summary`; Fig 3 (§5.1):
-`grid_table`; Tables 2-6 and Fig 4 (§5.2): `depth_table`, `depth_curves`, grouped by `family`;
-§5.2.3: `retrain`, `softmax_table`; Table 7: `visual_table`; Table 8: `ablation_tables`;
+`grid_table`; Tables 2-6 and Fig 4 (§5.2) on the profile's dataset (the paper's are ImageNet): `depth_table`,
+`depth_curves`, grouped by `family`, with paired-bootstrap intervals over the test images;
+§5.2.3: `retrain` (the head), `retrain_network` (head and whole network), `softmax_table`; Table 7: `visual_table`; Table 8: `ablation_tables`;
 Table 1 and the CSG comparison: `csg_tables`. Each returns frames the notebooks save and plot.
 """
 from __future__ import annotations
 
-import math
+import copy
 import re
+from dataclasses import asdict
 
 import pandas as pd
 import torch
 
-from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy
+from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy, head_on
+from .features import extract_features
 from .influence import InfluentialFeatures
-from .overlap import jaccard_matrix, mean_pairwise, mutual_information_matrix
-from .session import Study, Subject
+from .models import model_family
+from .overlap import jaccard_matrix, mean_over_all_class_pairs, mean_pairwise, mutual_information_matrix
+from .recipe import Recipe
+from .session import Study, Subject, architecture
 from .sizes import grid_sizes
-from .train import finetune_head
+from .train import finetune_head, finetune_network
+from .uncertainty import bootstrap_accuracy, correct_predictions, diagonal_intervals
 
 
 def family(name: str) -> str:
-    """The paper's model families: its tables group the depth study by these (plus any `@tag`)."""
-    name, _, tag = name.partition("@")
-    label = base_family(name)
+    """The model family of a profile's model name, for grouping the depth study (`models.model_family` of
+    its architecture), with any `@tag` kept: "resnet20@shared" -> "ResNet (CIFAR), shared"."""
+    _, _, tag = name.partition("@")
+    label = model_family(architecture(name))
     return f"{label}, {tag}" if tag else label
 
 
 def slug(text: str) -> str:
     """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared"."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def base_family(name: str) -> str:
-    for prefix, label in (("wide_resnet", "Wide ResNet"), ("densenet", "DenseNet"),
-                          ("efficientnet", "EfficientNet"), ("timm:", "timm")):
-        if name.startswith(prefix):
-            return label
-    depth = int(re.sub(r"\D", "", name) or 0)
-    return "ResNet (ImageNet)" if name.startswith("resnet") and depth in (18, 34, 50, 101, 152) else "ResNet (CIFAR)"
 
 
 def index_table(influence: InfluentialFeatures, classes: list[str]) -> pd.DataFrame:
@@ -57,11 +55,15 @@ def overlap_frames(mask: torch.Tensor, classes: list[str]) -> tuple[pd.DataFrame
 
 
 def overlap_summary(influence: InfluentialFeatures) -> pd.DataFrame:
-    """Mean pairwise Jaccard and mutual information of the classes' index sets."""
+    """Mean Jaccard and mutual information of the classes' index sets. The mutual information twice:
+    `_paper`, the paper's averaging over all C^2 ordered class pairs, self-pairs included (comparable
+    with its 0.0345), and `_distinct_pairs`, ours over the C (C - 1) pairs of different classes."""
     mask = influence.mask
+    mi = mutual_information_matrix(mask)
     return pd.DataFrame([{"k": influence.k, "k_prime": influence.k_prime,
-                          "mean_jaccard": mean_pairwise(jaccard_matrix(mask)),
-                          "mean_mutual_information": mean_pairwise(mutual_information_matrix(mask))}])
+                          "mean_jaccard_distinct_pairs": mean_pairwise(jaccard_matrix(mask)),
+                          "mutual_information_paper": mean_over_all_class_pairs(mi),
+                          "mutual_information_distinct_pairs": mean_pairwise(mi)}])
 
 
 def grid_table(subject: Subject, ks, k_primes) -> pd.DataFrame:
@@ -78,41 +80,39 @@ def grid_table(subject: Subject, ks, k_primes) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def depth_row(study: Study, subject: Subject, k: int) -> dict:
-    """Tables 2-6: one model's D, k'/C, k'/D and accuracies at k = k' (a k above D is an error)."""
+def depth_row(study: Study, subject: Subject, k: int, seed: int = 0) -> dict:
+    """Tables 2-6 on the profile's dataset: one model's D, k'/C, k'/D and accuracies at k = k' (a k above D is
+    an error), each accuracy with its 95 % paired-bootstrap interval over the test images (`_lo`, `_hi`:
+    uncertainty.py; the relative accuracy's interval comes from the same resamples as its two accuracies)."""
     d, c, n = subject.model.num_features, subject.model.num_classes, len(subject.test)
-    result = evaluate(subject.head, study.influence(subject, k, k), subject.test_features, subject.test.labels)
-    low, high = wilson_interval(result["acc_decomposed"], n)
-    full = result["acc_full"]
+    inf = study.influence(subject, k, k)
+    result = evaluate(subject.head, inf, subject.test_features, subject.test.labels)
+    boot = bootstrap_accuracy(*correct_predictions(subject.head, inf, subject.test_features, subject.test.labels),
+                              seed=seed)
+    intervals = {f"{name}{end}": boot[f"{name}{end}"] for name in ("acc_full", "acc_decomposed", "relative")
+                 for end in ("_lo", "_hi")}
     return {"family": family(subject.name), "model": subject.name, "D": d, "C": c, "k": k, "k_prime": k,
-            "k'/C": k / c, "k'/D": k / d, "acc_decomposed": result["acc_decomposed"], "acc_full": full,
-            "relative": result["relative"], "relative_low": low / full if full else float("nan"),
-            "relative_high": high / full if full else float("nan"), "n_test": n,
+            "k'/C": k / c, "k'/D": k / d, "acc_decomposed": result["acc_decomposed"], "acc_full": result["acc_full"],
+            "relative": result["relative"], **intervals, "n_test": n,
             "multiply_adds_full": result["multiply_adds_full"],
             "multiply_adds_decomposed": result["multiply_adds_decomposed"]}
 
 
-def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95 % Wilson score interval of an accuracy `p` measured on `n` images."""
-    if n == 0:
-        return float("nan"), float("nan")
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def depth_table(study: Study, k: int) -> pd.DataFrame:
-    """Tables 2-6: every model of the profile at k = k', grouped by family."""
-    return pd.DataFrame([depth_row(study, subject, k) for subject in study.load_all()])
+    """Tables 2-6 on the profile's dataset (not the paper's ImageNet unless the profile is): every model of
+    the profile at k = k', grouped by family, with bootstrap intervals."""
+    return pd.DataFrame([depth_row(study, subject, k, study.profile.seed) for subject in study.load_all()])
 
 
 def depth_curves(study: Study, ks) -> pd.DataFrame:
-    """Fig 4: relative accuracy along k = k' for every model of the profile (values above a model's D dropped)."""
+    """Fig 4 on the profile's dataset: full, decomposed and relative accuracy along k = k' for every model
+    of the profile (values above a model's D dropped), with paired-bootstrap intervals (`_lo`, `_hi`)."""
     frames = []
     for subject in study.load_all():
         axis = grid_sizes(ks, subject.model.num_features, f"k of {subject.name}")
-        grid = grid_table(subject, axis, axis)
-        frames.append(grid[grid.k == grid.k_prime].assign(model=subject.name, family=family(subject.name)))
+        rows = diagonal_intervals(subject.head, subject.train_features, subject.train.labels, subject.test_features,
+                                  subject.test.labels, axis, seed=study.profile.seed)
+        frames.append(pd.DataFrame(rows).assign(model=subject.name, family=family(subject.name)))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -122,11 +122,45 @@ def retrain(subject: Subject, influence: InfluentialFeatures, epochs: int, lr: f
     history = finetune_head(head, subject.train_features, subject.train.labels, epochs=epochs, lr=lr, seed=seed,
                             eval_features=subject.test_features, eval_labels=subject.test.labels)
     history = pd.DataFrame(history).assign(acc_full=subject.full_accuracy)
+    history.attrs["lr"] = lr
     history["relative"] = history["test_acc"] / history["acc_full"]
     c, d = subject.model.num_classes, subject.model.num_features
     cost = pd.DataFrame([{"layer": "full", "multiply_adds": c * d, "fraction": 1.0},
                          {"layer": "decomposed", "multiply_adds": head.multiply_adds, "fraction": head.multiply_adds / (c * d)}])
     return history, cost, head
+
+
+def retrain_network(study: Study, subject: Subject, influence: InfluentialFeatures, history: pd.DataFrame,
+                    epochs: int, lr: float) -> pd.DataFrame:
+    """§5.2.3 like for like: test accuracy of the full head, the masked decomposed head, the head alone
+    fine-tuned (`history` of `retrain`) and the whole network fine-tuned with the decomposed head
+    (`train.finetune_network` on a deep copy of the model: the subject's own model is not changed).
+    The authors fine-tune the whole network (Adam, lr 1e-4, one epoch); the library's `finetune_network`
+    trains with `train_classifier`: SGD + Nesterov, one-cycle to `lr`, the profile's crops and flips.
+    It needs an in-memory split (digits, CIFAR-10): for an image folder that row says so and holds NaN."""
+    p = study.profile
+    head_lr = history.attrs.get("lr", float("nan"))
+    rows = [{"retrained": "nothing (full head)", "optimizer": "", "epochs": 0, "lr": float("nan"),
+             "test_acc": subject.full_accuracy},
+            {"retrained": "nothing (masked weights)", "optimizer": "", "epochs": 0, "lr": float("nan"),
+             "test_acc": float(history.test_acc.iloc[0])},
+            {"retrained": "decomposed head only (cached features)", "optimizer": "Adam", "epochs": int(history.epoch.iloc[-1]),
+             "lr": head_lr, "test_acc": float(history.test_acc.iloc[-1])}]
+    network = {"retrained": "whole network (body + decomposed head)",
+               "optimizer": "SGD + Nesterov, one-cycle (train_classifier)", "epochs": epochs, "lr": lr}
+    if subject.train.images is None:
+        print("whole-network fine-tuning skipped: train_classifier needs an in-memory split (digits, CIFAR-10)")
+        rows.append({**network, "test_acc": float("nan")})
+    else:
+        recipe = Recipe(**{**asdict(p.train), "epochs": epochs, "lr": lr})
+        model = finetune_network(copy.deepcopy(subject.model), influence, subject.train, recipe, device=p.device,
+                                 seed=p.seed, progress=p.progress)
+        phi = extract_features(model, subject.test, batch_size=p.batch_size, device=p.device, progress=p.progress)
+        with torch.no_grad():
+            rows.append({**network, "test_acc": accuracy(head_on(model.head, "cpu")(phi), subject.test.labels)})
+    table = pd.DataFrame(rows)
+    table["relative"] = table.test_acc / subject.full_accuracy
+    return table
 
 
 @torch.no_grad()
@@ -165,29 +199,39 @@ def visual_table(subject: Subject, influence: InfluentialFeatures, n: int, seed:
     return images, maps, table
 
 
-def ablation_tables(subject: Subject, influence: InfluentialFeatures, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Table 8, long (one row per variant, head, replaced set) and wide (the paper's layout)."""
-    from .ablation import noise_ablation
+def ablation_tables(subject: Subject, influence: InfluentialFeatures, seed: int = 0,
+                    draws: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table 8: (long, summary). `long` has one row per (noise, head, replaced, draw) (ablation.py's
+    `noise_ablation`, each noisy row over `draws` seeded draws) with a plot label `setting`;
+    `summary` the mean and standard deviation over the draws of each (noise, head, replaced).
+    The authors' Table 8 is the two rows with `authors_table8`: standard_normal noise, full head,
+    replacing I_y ("influential") or all D - k' features outside it ("non_influential_all")."""
+    from .ablation import noise_ablation, summarize
 
-    long = pd.DataFrame(noise_ablation(subject.head, influence, subject.test_features, subject.test.labels,
-                                       subject.train_features, seed))
-    names = {"none": "no noise", "authors": "authors' N(0, 1)", "matched": "matched mean/std"}
-    long["setting"] = long["variant"].map(names) + ",\n" + long["head"] + " head"
-    base = long[long.variant == "none"].set_index("head")["accuracy"]
-    wide = long[long.variant != "none"].pivot_table(index=["variant", "head"], columns="replaced",
-                                                    values="accuracy").reset_index()
-    wide.insert(2, "no_noise", wide["head"].map(base))
-    return long, wide
+    rows = noise_ablation(subject.head, influence, subject.test_features, subject.test.labels,
+                          subject.train_features, seed, draws=draws)
+    long = pd.DataFrame(rows)
+    long["setting"] = long["noise"] + ", " + long["head"] + " head"
+    return long, pd.DataFrame(summarize(rows))
 
 
-def csg_tables(study: Study, subject: Subject, gated, csg_subject: Subject, influence: InfluentialFeatures):
-    """Table 1 (accuracy of both CSG paths) and the overlap / MI comparison of index sets."""
+def csg_tables(study: Study, subject: Subject, gated, csg_subject: Subject, influence: InfluentialFeatures,
+               csg_from: str = "model"):
+    """Table 1 (accuracy of both CSG paths, with the gates' L1-density and non-zero fraction, and how CSG
+    started: from the trained `model` or from `scratch`) and the overlap / MI comparison of index sets."""
     from . import csg
 
     paths = csg.path_accuracies(gated, csg_subject.test_features, subject.test.labels)
-    table1 = pd.DataFrame([{"model": f"{subject.name} (standard training)", "path": "standard", "accuracy": subject.full_accuracy},
-                           {"model": f"{subject.name} + CSG", "path": "standard", "accuracy": paths["standard"]},
-                           {"model": f"{subject.name} + CSG", "path": "gated (true-label gates)", "accuracy": paths["gated"]}])
+    started = {"model": f"from {subject.name}", "scratch": "from scratch"}[csg_from]
+    density = {"l1_density": csg.l1_density(gated.gates), "nonzero_fraction": csg.nonzero_fraction(gated.gates)}
+    nan = {"l1_density": float("nan"), "nonzero_fraction": float("nan")}
+    table1 = pd.DataFrame([
+        {"model": f"{subject.name} (standard training)", "path": "standard", "csg_start": "n/a (no CSG)",
+         "accuracy": subject.full_accuracy, **nan},
+        {"model": f"{subject.name} + CSG", "path": "standard", "csg_start": started, "accuracy": paths["standard"],
+         **density},
+        {"model": f"{subject.name} + CSG", "path": "gated (true-label gates)", "csg_start": started,
+         "accuracy": paths["gated"], **density}])
     k_prime = study.profile.k_prime if isinstance(study.profile.k_prime, int) else max(map(len, influence.indices))
     sets = {"ours (Algorithm 1)": (influence.mask, subject),
             "CSG lowest gates (authors' code)": (csg.gate_mask(gated.gates, k_prime, "lowest"), csg_subject),
@@ -196,7 +240,10 @@ def csg_tables(study: Study, subject: Subject, gated, csg_subject: Subject, infl
     for method, (mask, r) in sets.items():
         with torch.no_grad():
             acc = accuracy(DecomposedHead(r.head, mask)(r.test_features), r.test.labels)
-        rows.append({"method": method, "k_prime": k_prime, "mutual_information": mean_pairwise(mutual_information_matrix(mask)),
-                     "jaccard": mean_pairwise(jaccard_matrix(mask)), "acc_decomposed": acc,
+        mi = mutual_information_matrix(mask)
+        rows.append({"method": method, "k_prime": k_prime,
+                     "mutual_information_paper": mean_over_all_class_pairs(mi),  # all C^2 pairs (the paper's)
+                     "mutual_information_distinct_pairs": mean_pairwise(mi),      # ours: different classes only
+                     "jaccard_distinct_pairs": mean_pairwise(jaccard_matrix(mask)), "acc_decomposed": acc,
                      "relative": acc / r.full_accuracy})
     return table1, pd.DataFrame(rows)
