@@ -1,6 +1,6 @@
 """The paper notebooks run end to end under papermill on the smallest settings, and their tables say what the paper says.
 
-One run of all seven notebooks on a test-sized demo profile (digits, two small ResNets,
+One run of all ten notebooks on a test-sized demo profile (digits, two small ResNets,
 few epochs), one of all seven with the ImageNet profile on a tiny fake image folder and
 random weights, the runner's stop / resume behaviour, and a check that the committed notebooks
 carry no outputs and a `parameters` cell. About two minutes on two CPU cores.
@@ -297,7 +297,7 @@ def test_imagenet_profile_with_random_weights(tmp_path, fake_imagenet):
                  "models": ["resnet18"], "k": 5, "k_prime": 5, "depth_k": 5, "grid_k": [1, 5, 20],
                  "max_train": None, "batch_size": 4, "vis_images": 2, "finetune_epochs": 1, "explain_images": 1,
                  "explain_methods": ["gradient_x_input"]}
-    out = execute(tmp_path, "imagenet", overrides)  # all seven notebooks, streamed 224 px images
+    out = execute(tmp_path, "imagenet", overrides)  # every notebook, streamed 224 px images
     grid = table(out, "fig3_grid")
     assert len(grid) == 9 and grid.acc_decomposed.between(0, 1).all()
     depth = table(out, "table2-6_depth_study")

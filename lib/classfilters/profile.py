@@ -37,7 +37,7 @@ class Profile:
     name: str = "demo"             # the profile's name: outputs go to figures/<name>/ (default: the file's stem)
     # --- data and models
     dataset: str = "digits"        # digits | cifar10 | cifar10:<path> | imagefolder:<path> (relative to the repo root)
-    model: str = "resnet20"        # the model of notebooks 1, 2, 4-7
+    model: str = "resnet20"        # the model of notebooks 1, 2, 4-10
     models: list[str] = field(default_factory=lambda: ["resnet8", "resnet14", "resnet20", "resnet32"])  # depth study (3)
     weights: str = "train"         # train (library, cached) | pretrained (torchvision) | random (tests); see checkpoints
     pretrained_weights: str | bool | None = None  # with weights: pretrained, a torchvision weights name; None: default
