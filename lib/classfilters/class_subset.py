@@ -111,7 +111,7 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeat: int = 20) -> flo
 def class_subset_model(model: FeatureModel, train: ImageSplit, classes, pct: float = 90, k=5, k_prime=5,
                        saliency: str = "grad", fill: str = "none", recipe: Recipe | None = None,
                        test: ImageSplit | None = None, max_images: int | None = 2048, seed: int = 0,
-                       device=None, progress: bool = False) -> tuple[FeatureModel, dict]:
+                       device=None, progress: bool = False, keep_per_layer: int = 0) -> tuple[FeatureModel, dict]:
     """The smaller model predicting `classes` and a report (sizes, multiply-adds, latency, and with
     `test`, accuracy on S's test images of the full model (argmax over S) and of the small one).
     recipe: the fine-tuning (default 2 epochs, lr 0.02; epochs=0 for none)."""
@@ -133,6 +133,7 @@ def class_subset_model(model: FeatureModel, train: ImageSplit, classes, pct: flo
     part = subset_split(train, chosen)
     small = restrict_head(model, chosen)
     pruned, report = channel_prune(small, part, pct, saliency, fill=fill, protect={small.head: union},
+                                   keep_per_layer=keep_per_layer,
                                    max_images=max_images, seed=seed, device=device)
     pruned = pruned.cpu().eval()
     report.update({"classes": [train.classes[c] for c in chosen], "class_indices": chosen,

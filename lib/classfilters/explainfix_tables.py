@@ -166,13 +166,14 @@ def prune_sweep(model: FeatureModel, train: ImageSplit, test: ImageSplit, pcts=(
 
 def class_subset_table(model: FeatureModel, train: ImageSplit, test: ImageSplit, subsets, pct: float = 90,
                        recipe: Recipe | None = None, seed: int = 0, k=5, k_prime=5, max_images: int | None = 2048,
-                       device=None, return_models: bool = False):
+                       device=None, return_models: bool = False, keep_per_layer: int = 0):
     """One `class_subset_model` report per class subset (e.g. ["cat,dog", "airplane,ship,truck"]).
     With `return_models`, (table, [small model per subset])."""
     rows, models = [], []
     for subset in subsets:
         small, report = class_subset_model(model, train, subset, pct, k, k_prime, recipe=recipe, test=test,
-                                           max_images=max_images, seed=seed, device=device)
+                                           max_images=max_images, seed=seed, device=device,
+                                           keep_per_layer=keep_per_layer)
         models.append(small)
         rows.append({"classes": "+".join(report["classes"]), "pct": pct,
                      **{k: report[k] for k in ("params_full", "params_small", "macs_full", "macs_small",
