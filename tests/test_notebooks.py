@@ -323,7 +323,10 @@ def test_cifar10_profile_on_the_shared_data(tmp_path, shared_data, monkeypatch):
     monkeypatch.setenv("CLASSFILTERS_SHARED_DATA", str(shared_data.resolve()))
     overrides = {"max_train": 500, "max_test": 300, "models": ["resnet20", "resnet20@shared"],
                  "train": {"epochs": 1, "batch_size": 128, "lr": 0.05, "flip": True}, "csg_epochs": 1,
-                 "grid_k": [1, 5, 16, 64], "vis_images": 2, "batch_size": 256}
+                 "grid_k": [1, 5, 16, 64], "vis_images": 2, "batch_size": 256,
+                 "fix_inits": ["learned", "DCT2"], "fix_epochs": 1, "explain_mosaics": 2, "explain_max_tiles": 4,
+                 "explain_check_families": [], "explain_search_budget": 2, "explain_search_k": [5],
+                 "explain_search_k_prime": [5]}
     out = execute(tmp_path, "cifar10", overrides)
     depth = table(out, "table2-6_depth_study").set_index("model")
     assert list(depth.index) == ["resnet20", "resnet20@shared"]
