@@ -99,6 +99,8 @@ class Profile:
     explain_objective: str = "grid_pointing"  # the searches maximise this metric's mean (or aggregate: the
     # canonization paper's normalised mean of grid pointing, faithfulness correlation, sparseness, sensitivity)
     explain_floor: float = 0.0     # configurations whose mean faithfulness correlation is below it are infeasible
+    explain_accuracy_floor: float = 0.9  # (k, k') whose decomposed head keeps less of the full test accuracy
+    #                                      (relative accuracy) are infeasible in the k search
 
     def __post_init__(self):
         if isinstance(self.train, dict):
