@@ -31,6 +31,7 @@ the filters the class keeps). A ResNet-20 on the digits trains for 10 epochs in 
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import asdict
 from functools import partial
 
@@ -44,7 +45,7 @@ from .decomposed import accuracy, head_on
 from .device import default_device
 from .models import FeatureModel, build_model, fingerprint
 from .progress import tqdm
-from .train import Recipe, augment, one_cycle, step_in_micro_batches
+from .train import Recipe, augment, one_cycle, step_in_micro_batches, training_key
 
 
 class GatedModel(nn.Module):
@@ -188,7 +189,7 @@ def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = 
     recipe = recipe or Recipe()
     key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam,
            "gate_lr": gate_lr, "gate_rule": gate_rule, "gate_optimizer": "adam", "seed": seed, "memory_format": "channels_last",
-           "precision": "bf16 on GPUs"}
+           "precision": "bf16 on GPUs", **training_key(model, sys.modules[__name__])}
     gated = GatedModel(copy.deepcopy(model))
     if (state := cache.load("csg", key)) is not None:
         gated.load_state_dict(state)

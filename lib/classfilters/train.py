@@ -3,8 +3,9 @@
 `train_classifier` runs SGD + Nesterov with a one-cycle schedule over whole uint8 batches
 held on the device, with random-crop (and optionally flip) augmentation done on the batch
 (no DataLoader). `trained_model` caches the result under a key of the model name, the
-split's fingerprint, the recipe and the seed, so profiles never train the same model
-twice. With `Recipe(compile=True)` every step sees a batch of exactly `batch_size` images (the
+split's fingerprint, the recipe, the seed and `training_key` (the model's forward code, this file's
+source, torch and torchvision), so profiles never train the same model twice and an edit of the
+training or model code never returns weights the old code made. With `Recipe(compile=True)` every step sees a batch of exactly `batch_size` images (the
 epoch's last batch is topped up from the start of its order), so a compiled network, CUDA graphs
 included, is compiled once. `finetune_head` retrains a `DecomposedHead` from cached features (Adam, lr 1e-4,
 as the authors), recording accuracy after every epoch, on one process or many (DDP).
@@ -25,6 +26,7 @@ from . import cache
 from .data import ImageSplit
 from .decomposed import DecomposedHead, accuracy
 from .device import default_device, world
+from .features import library_versions
 from .models import FeatureModel, build_model
 from .progress import tqdm
 from .recipe import Recipe
@@ -221,6 +223,13 @@ def _average_gradients(opt) -> None:
         p.grad.copy_(g.view_as(p.grad))
 
 
+def training_key(model: nn.Module, *modules) -> dict:
+    """What trained weights depend on besides data, recipe and seed: the model's forward code (every submodule's
+    class, source and settings), the training code (this module and `modules`, e.g. csg), torch and torchvision."""
+    return {"forward": cache.code_identity(model), "training": cache.source_digest(sys.modules[__name__], *modules),
+            "versions": library_versions()}
+
+
 def trained_model(name: str, split: ImageSplit, recipe: Recipe | None = None, seed: int = 0, device=None,
                   progress: bool = True) -> FeatureModel:
     """`build_model(name)` trained on `split` with `recipe`, from the cache when done before."""
@@ -230,7 +239,7 @@ def trained_model(name: str, split: ImageSplit, recipe: Recipe | None = None, se
     model = build_model(name, num_classes=split.num_classes, in_channels=in_channels)
     key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed,
            "init": "seeded", "loss": "sum-scaled", "memory_format": "channels_last",
-           "in_channels": in_channels, "classes": split.num_classes}
+           "in_channels": in_channels, "classes": split.num_classes, **training_key(model)}
     if (state := cache.load("models", key)) is not None:
         model.load_state_dict(state)
         return model.eval()
