@@ -145,6 +145,9 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
         raise ValueError(f"gate_lr must be > 0 and lam >= 0, got gate_lr={gate_lr}, lam={lam}")
     if gate_rule not in GATE_RULES:
         raise ValueError(f"gate_rule must be one of {GATE_RULES}, got {gate_rule!r}")
+    if recipe.optimizer != "sgd":
+        raise ValueError(f"CSG trains body and head with SGD + Nesterov (one-cycle): recipe.optimizer must be 'sgd', "
+                         f"got {recipe.optimizer!r}")
     after_step = clip_gates_ if gate_rule == "clip" else normalize_gates_
     device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(seed)

@@ -55,10 +55,12 @@ class Profile:
     fig2_class: int = 0            # the class whose histogram is Fig 2 (notebook 1)
     grid_k: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32])  # Fig 3 axes
     depth_k: int = DEFAULT_K       # k = k' of the depth study (the paper: 50 on ImageNet)
+    depth_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds of the models trained
+    #                                here, each trained once per seed in the depth study (checkpoints: one model)
     finetune_epochs: int = 5       # retraining the decomposed head (the authors: 1 on CIFAR-10, ~10 on ImageNet)
-    finetune_lr: float = 0.001     # Adam (the authors: 1e-4 on CIFAR-10, 1e-6 on ImageNet)
-    finetune_network_lr: float = 0.01  # whole-network fine-tuning (notebook 04): peak lr of train_classifier's
-    #                                    SGD + Nesterov one-cycle (the authors: Adam 1e-4, which the library lacks)
+    finetune_lr: float = 0.001     # Adam, constant: the head alone and the authors' whole-network arm of notebook 04
+    #                                (the authors: 1e-4 on CIFAR-10, 1e-6 on ImageNet)
+    finetune_network_lr: float = 0.01  # the library's whole-network arm (notebook 04): peak lr of SGD + Nesterov one-cycle
     vis_images: int = 6            # images in Table 7
     csg_epochs: int = 6            # CSG training epochs, from the profile's model
     csg_lr: float = 0.02           # CSG peak learning rate

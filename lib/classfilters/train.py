@@ -99,8 +99,12 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
     trainable = [p for p in model.parameters() if p.requires_grad]  # fixed (frozen) weights stay bit-identical
     if not trainable:
         raise ValueError("the model has no trainable parameter (every requires_grad is False): nothing to train")
-    opt = torch.optim.SGD(trainable, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
-    sched = one_cycle(opt, recipe.lr, recipe.epochs * steps_per_epoch)
+    if recipe.optimizer == "adam":  # the authors' fine-tuning: Adam at a constant rate
+        opt = torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    else:
+        opt = torch.optim.SGD(trainable, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
+        sched = one_cycle(opt, recipe.lr, recipe.epochs * steps_per_epoch)
     bf16 = device.type == "cuda"
     padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8
     micro = recipe.batch_size
