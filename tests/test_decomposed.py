@@ -108,7 +108,7 @@ def test_the_authors_adam_fine_tuning_takes_steps_of_exactly_lr(digits_model):
 
     from classfilters import Recipe, open_dataset, train_classifier
     split = open_dataset("digits", "train").subset(torch.arange(64))
-    one_step = dict(epochs=1, batch_size=64, lr=1e-3, weight_decay=0.0, crop_padding=0, flip=False)
+    one_step = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "crop_padding": 0, "flip": False}
     steps = {}
     for optimizer in ("adam", "sgd"):
         model = copy.deepcopy(digits_model)
