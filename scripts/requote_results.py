@@ -42,19 +42,21 @@ def quote(source: str, keys: list[str], columns: list[str], where: list[str]) ->
     for condition in where:
         name, _, value = condition.partition("=")
         frame = frame[frame[name] == value]
+    if frame.duplicated(keys).any():
+        raise SystemExit(f"the keys {keys} do not identify the rows of {source} (add a key or a --where)")
     specs = [(c.partition(":")[0], c.partition(":")[2]) for c in columns]
     header = keys + [name for name, _ in specs]
     lines = [f"Source: {source} · key: {', '.join(keys)}", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for _, row in frame.iterrows():
-        cells = [row[k] for k in keys]
+        cells = [str(row[k]).replace("|", "\\|") for k in keys]
         for name, rounding in specs:
             value = row[name]
             if rounding and value not in ("", "nan"):
                 decimals, percent = int(rounding.rstrip("%")), rounding.endswith("%")
                 number = float(value) * (100 if percent else 1)
                 value = f"{number:.{decimals}f}" + (" %" if percent else "")
-            cells.append(value)
+            cells.append(str(value).replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -68,7 +70,10 @@ def main(argv=None) -> int:
     p.add_argument("--where", action="append", default=[], help="--quote: keep rows with column=value")
     args = p.parse_args(argv)
     if args.quote:
-        print(quote(args.quote, args.key.split(","), [c for c in args.columns.split(",") if c], args.where))
+        keys = [k.strip() for k in args.key.split(",") if k.strip()]
+        if not keys:
+            p.error("--quote needs --key: the columns that identify a row")
+        print(quote(args.quote, keys, [c.strip() for c in args.columns.split(",") if c.strip()], args.where))
         return 0
     lines = consistency.RESULTS.read_text().splitlines()
     changed = []

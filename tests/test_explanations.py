@@ -334,8 +334,10 @@ def test_search_returns_scored_configurations_and_the_best(digits_model):
         search_explanations(digits_model, mosaics, {"k": (3,)})
 
 
-@pytest.mark.parametrize("floor", [0.8, 0.95])  # two of four (k, k') feasible here; none
-def test_k_search_marks_the_best_explanation_at_the_accuracy_floor_and_the_most_accurate(digits_model, floor):
+# relative accuracy here: (1, 1) and (3, 1) ~0.66, (1, 8) ~0.83, (3, 8) ~0.89: all four, two, none feasible
+@pytest.mark.parametrize("floor, n_feasible", [(0.6, 4), (0.8, 2), (0.95, 0)])
+def test_k_search_marks_the_best_explanation_at_the_accuracy_floor_and_the_most_accurate(digits_model, floor,
+                                                                                        n_feasible):
     from types import SimpleNamespace
 
     from classfilters import explanation_study as ex
@@ -349,6 +351,7 @@ def test_k_search_marks_the_best_explanation_at_the_accuracy_floor_and_the_most_
                          log=lambda *a: None)
     f = result.frame
     feasible = f[f.feasible]
+    assert len(feasible) == n_feasible and (feasible.relative >= floor).all() and (f[~f.feasible].relative < floor).all()
     explanation = f[f.best.str.contains("explanation")]
     accuracy = f[f.best.str.contains("accuracy")]
     assert len(accuracy) == 1 and accuracy.relative.iloc[0] == f.relative.max()
@@ -357,7 +360,9 @@ def test_k_search_marks_the_best_explanation_at_the_accuracy_floor_and_the_most_
         assert (explanation.relative >= floor).all()
     else:
         assert explanation.empty
-    assert (f.best == "").sum() == len(f) - len(set(explanation.index) | set(accuracy.index))
+    assert (f.best == "-").sum() == len(f) - len(set(explanation.index) | set(accuracy.index))
+    if floor == 0.6:  # every row feasible: the best explanation is not where accuracy is best
+        assert explanation.index[0] != accuracy.index[0] and f.best.iloc[0] == "explanation"
 
 
 @pytest.mark.slow

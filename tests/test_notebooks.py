@@ -28,7 +28,7 @@ TINY = {"name": "tiny", "dataset": "digits", "model": "resnet8", "models": ["res
         "explain_methods": ["lrp_epsilon_plus", "gradient_x_input"], "explain_images": 2, "explain_mosaics": 2,
         "explain_max_tiles": 4, "explain_check_families": ["resnet18"], "explain_search_budget": 2,
         "explain_search_space": {"low": [0.0, 0.25], "high": [0.0, 0.25]}, "explain_search_k": [2, 5],
-        "explain_search_k_prime": [2], "explain_floor": -1.0}
+        "explain_search_k_prime": [2], "explain_floor": -1.0, "depth_seeds": [0, 1, 2]}
 
 
 def execute(tmp_path, profile, overrides, only=None):
@@ -161,7 +161,7 @@ def test_depth_study_over_training_seeds(tiny):
     assert all(ks == [1, 2, 4, 8, 16, 32, 64] for ks in seeds.groupby(["model", "seed"]).k.apply(list))
     curves = table(tiny, "fig4_relative_vs_k")
     seed0 = seeds[seeds.seed == 0].merge(curves, on=["model", "k"], suffixes=("", "_study"))
-    assert np.allclose(seed0.relative, seed0.relative_study)          # seed 0 is the study's own model
+    assert len(seed0) == 2 * 7 and np.allclose(seed0.relative, seed0.relative_study)          # seed 0 is the study's own model
     train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
     model = trained_model("resnet14", train, Recipe(**TINY["train"]), seed=2, progress=False)
     phi_train, phi_test = (extract_features(model, s, progress=False) for s in (train, test))
@@ -308,6 +308,8 @@ def test_explanation_tables(tiny):
     assert gammas.feasible.all() and gammas.grid_pointing.is_monotonic_decreasing   # floor -1: best first
     ks = table(tiny, "explanation_search_k")
     assert sorted(ks.k) == [2, 5] and (ks.k_prime == 2).all() and ks.grid_pointing.between(0, 1).all()
+    assert {"acc_decomposed", "relative", "best"} <= set(ks.columns) and ks.relative.between(0, 1.2).all()
+    assert (ks.best.str.contains("accuracy")).sum() == 1 and ks.relative[ks.best.str.contains("accuracy")].iloc[0] == ks.relative.max()
 
 
 @pytest.fixture(scope="module")

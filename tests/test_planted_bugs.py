@@ -95,6 +95,9 @@ def test_trained_model_cache_key_holds_the_code_and_versions(monkeypatch):
     monkeypatch.setattr(train_module, "library_versions", lambda: {"torch": "0.0", "torchvision": "0.0"})
     cf.trained_model("resnet8", split, recipe, seed=5, device="cpu", progress=False)
     assert len(calls) == 3                                   # another torch: trained again
+    monkeypatch.setattr(train_module, "SOURCE_DIGEST", "edited")
+    cf.trained_model("resnet8", split, recipe, seed=5, device="cpu", progress=False)
+    assert len(calls) == 4                                   # train.py edited: trained again
 
 
 def test_cli_scores_the_test_split(tmp_path):

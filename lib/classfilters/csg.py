@@ -47,6 +47,8 @@ from .models import FeatureModel, build_model, fingerprint
 from .progress import tqdm
 from .train import Recipe, augment, one_cycle, step_in_micro_batches, training_key
 
+SOURCE_DIGEST = cache.source_digest(sys.modules[__name__])  # this file as imported (a key of trained CSG models)
+
 
 class GatedModel(nn.Module):
     """A `FeatureModel` with a gate matrix (D, C) applied to phi(x) when labels are given."""
@@ -192,7 +194,7 @@ def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = 
     recipe = recipe or Recipe()
     key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam,
            "gate_lr": gate_lr, "gate_rule": gate_rule, "gate_optimizer": "adam", "seed": seed, "memory_format": "channels_last",
-           "precision": "bf16 on GPUs", **training_key(model, sys.modules[__name__])}
+           "precision": "bf16 on GPUs", **training_key(model, SOURCE_DIGEST)}
     gated = GatedModel(copy.deepcopy(model))
     if (state := cache.load("csg", key)) is not None:
         gated.load_state_dict(state)

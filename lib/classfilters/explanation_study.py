@@ -135,7 +135,9 @@ def k_search(subject, mosaics: GridMosaics | None, ks, k_primes, budget: int, ob
     """(k, k') of the explanation started from the decomposed logit (influential features only), LRP-gamma at
     its defaults on the canonized model where the family allows; the index sets from the training features.
     Each row carries the decomposed head's test accuracy (`acc_decomposed`, `relative`); a configuration
-    whose `relative` is below `accuracy_floor` is infeasible."""
+    whose `relative` is below `accuracy_floor` is infeasible. Column `best`: "explanation" on the best
+    feasible row (none when no row is feasible; `SearchResult.best` then falls back to the best row overall),
+    "accuracy" on the highest `relative`, "-" elsewhere."""
     if mosaics is None:
         return None
     space = {"k": tuple(ks), "k_prime": tuple(k_primes), "canonize": canonize_options(subject.model, subject.name, log)[:1]}
@@ -144,11 +146,12 @@ def k_search(subject, mosaics: GridMosaics | None, ks, k_primes, budget: int, ob
                                test_features=subject.test_features, test_labels=subject.test.labels,
                                accuracy_floor=accuracy_floor, max_tiles=max_tiles, seed=seed)
     frame = result.frame
-    marks = pd.Series("", index=frame.index)
+    marks = pd.Series("-", index=frame.index)  # "-", not "": an empty cell reads back from CSV as NaN
     if frame.feasible.any():
         marks[frame.index[frame.feasible][0]] = "explanation"  # the frame is sorted best first
-    top = frame.relative.idxmax()
-    marks[top] = "explanation, accuracy" if marks[top] else "accuracy"
+    if frame.relative.notna().any():  # NaN everywhere when the full head scores nothing
+        top = frame.relative.idxmax()
+        marks[top] = "explanation, accuracy" if marks[top] != "-" else "accuracy"
     result.frame = frame.assign(best=marks)
     return result
 

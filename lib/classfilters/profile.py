@@ -109,6 +109,11 @@ class Profile:
             self.train = Recipe(**self.train)
         self.k, self.k_prime = as_size(self.k, None, "k"), as_size(self.k_prime, None, "k_prime")
         self.depth_k = as_size(self.depth_k, None, "depth_k")
+        if len(set(self.depth_seeds)) != len(self.depth_seeds) or not self.depth_seeds:
+            raise ValueError(f"depth_seeds must be distinct seeds, at least one, got {self.depth_seeds}")
+        if not 0 <= self.explain_accuracy_floor <= 1:
+            raise ValueError(f"explain_accuracy_floor is a fraction of the full head's accuracy in [0, 1] "
+                             f"(0.9 = 90 %), got {self.explain_accuracy_floor}")
         if self.csg_from not in ("model", "scratch"):
             raise ValueError(f"csg_from must be 'model' (CSG from the trained model) or 'scratch' (a fresh one), "
                              f"got {self.csg_from!r}")

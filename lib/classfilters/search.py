@@ -89,7 +89,8 @@ def search_explanations(model, mosaics: GridMosaics, space: dict | None = None, 
         canon = bool(config.get("canonize", True))
         influence, start = None, "full"
         if decomposed:
-            influence = influential_features(train_features, train_labels, config.get("k", 5), config.get("k_prime", 5))
+            influence = influential_features(train_features, train_labels, config.get("k", 5), config.get("k_prime", 5),
+                                             num_classes=model.head.out_features)
             start = "influential"
         scores = evaluate_explanations(model, x, c, "lrp_gamma", start, influence, canon, masks, metrics, seed,
                                        gammas=gammas, epsilon=float(config.get("epsilon", 1e-6)))

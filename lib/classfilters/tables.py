@@ -136,8 +136,9 @@ def seed_curves(study: Study, ks, seeds) -> pd.DataFrame:
 
 def seed_summary(curves: pd.DataFrame) -> pd.DataFrame:
     """Mean, standard deviation (ddof 1), min and max over the seeds of each model's accuracies at each k."""
+    stats = [f"{name}_{stat}" for name in ("acc_full", "acc_decomposed", "relative") for stat in ("mean", "std", "min", "max")]
     if curves.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=["model", "family", "k", *stats, "n_seeds"])
     grouped = curves.groupby(["model", "family", "k"], sort=False)
     out = grouped[["acc_full", "acc_decomposed", "relative"]].agg(["mean", "std", "min", "max"])
     out.columns = [f"{name}_{stat}" for name, stat in out.columns]

@@ -227,10 +227,15 @@ def _average_gradients(opt) -> None:
         p.grad.copy_(g.view_as(p.grad))
 
 
-def training_key(model: nn.Module, *modules) -> dict:
+SOURCE_DIGEST = cache.source_digest(sys.modules[__name__])  # read once, at import: the code this process runs
+
+
+def training_key(model: nn.Module, *sources: str) -> dict:
     """What trained weights depend on besides data, recipe and seed: the model's forward code (every submodule's
-    class, source and settings), the training code (this module and `modules`, e.g. csg), torch and torchvision."""
-    return {"forward": cache.code_identity(model), "training": cache.source_digest(sys.modules[__name__], *modules),
+    class, source and settings), the training code (this module's SOURCE_DIGEST and `sources`, the digests of
+    other modules that train, e.g. csg's), torch and torchvision. A whole file is hashed: any edit of it
+    retrains, which costs time but never returns weights that other code made."""
+    return {"forward": cache.code_identity(model), "training": "|".join((SOURCE_DIGEST, *sources)),
             "versions": library_versions()}
 
 
