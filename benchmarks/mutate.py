@@ -10,8 +10,8 @@ tests that reach it. A mutant the tests still pass ("survived") is a bug they wo
     python benchmarks/mutate.py --keep /tmp/mut        # keep the scratch copy (then `mutmut browse` there)
 
 Writes `benchmarks/results/mutation.json`: per module the mutants killed, survived, timed out and
-not covered, the score (killed / (killed + survived + no tests)), the surviving mutants' names, the
-commit and the machine. Survivors are reviewed in `benchmarks/README.md`: killed by a new test or
+not covered, the score (killed / (killed + survived + no tests)), the surviving mutants' names, and
+the commit and machine of the run that measured that module. Survivors are reviewed in `benchmarks/README.md`: killed by a new test or
 explained as equivalent. Not run in CI (too slow on 2 cores).
 """
 from __future__ import annotations
@@ -39,6 +39,11 @@ MODULES = {
     "overlap": ["test_ablation_overlap.py"],
     "visualize": ["test_csg_visualize.py", "test_planted_bugs.py"],
     "csg": ["test_csg_visualize.py"],
+    "cache": ["test_security.py", "test_planted_bugs.py"],              # the cache keys and checks
+    "cli": ["test_cli.py", "test_security.py", "test_planted_bugs.py"],
+    "runner": ["test_structure.py", "test_planted_bugs.py"],            # --resume
+    "provenance": ["test_structure.py", "test_planted_bugs.py"],        # what --resume trusts
+    "tables": ["test_planted_bugs.py"],  # the study tables (also run by test_notebooks.py, too slow per mutant)
 }
 COUNTED = {"killed", "survived", "timeout", "no tests", "suspicious", "segfault"}
 
@@ -107,8 +112,9 @@ def main(argv=None) -> int:
     env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; nothing may shadow it
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)], cwd=scratch,
                    env=env, check=False)
-    result = {"commit": commit(), "machine": machine(), "tool": "mutmut 3",
-              "modules": summarise(statuses(scratch), args.modules)}
+    stamp = {"commit": commit(), "machine": machine()}  # per module: modules are measured in separate runs
+    result = {"tool": "mutmut 3", "modules": {m: {**r, **stamp} for m, r in summarise(statuses(scratch),
+                                                                                      args.modules).items()}}
     path = RESULTS / "mutation.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     merged = {**old, **result, "modules": {**old.get("modules", {}), **result["modules"]}}

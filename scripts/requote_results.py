@@ -2,6 +2,8 @@
 
     python scripts/requote_results.py          # rewrite every checked number in place, at its rounding
     python scripts/requote_results.py --check  # only list the cells that differ (exit 1 if any)
+    python scripts/requote_results.py --quote figures/demo/fig3_diagonal.csv --key k,k_prime \
+        --columns acc_full:2%,relative:3 [--where model=resnet20]   # print a new table to paste
 
 Each table's `Source: <file> · key: ...` line and rows are read with the parser of
 tests/test_results_consistency.py (one convention, one parser); every checked number is written
@@ -32,10 +34,47 @@ def requoted(cell: str, value: str) -> str:
     return text + (m.group(3) or "")
 
 
+def quote(source: str, keys: list[str], columns: list[str], where: list[str]) -> str:
+    """A new table in RESULTS.md's convention: its Source line, then one row per source row (filtered by
+    `where`: column=value), the key columns as text and each column `name:decimals` (a trailing % quotes
+    the value x 100 with a %, as the checker reads it)."""
+    frame, _ = consistency.read_source(f"Source: {source} · key: {', '.join(keys)}")
+    for condition in where:
+        name, _, value = condition.partition("=")
+        frame = frame[frame[name] == value]
+    if frame.duplicated(keys).any():
+        raise SystemExit(f"the keys {keys} do not identify the rows of {source} (add a key or a --where)")
+    specs = [(c.partition(":")[0], c.partition(":")[2]) for c in columns]
+    header = keys + [name for name, _ in specs]
+    lines = [f"Source: {source} · key: {', '.join(keys)}", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for _, row in frame.iterrows():
+        cells = [str(row[k]).replace("|", "\\|") for k in keys]
+        for name, rounding in specs:
+            value = row[name]
+            if rounding and value not in ("", "nan"):
+                decimals, percent = int(rounding.rstrip("%")), rounding.endswith("%")
+                number = float(value) * (100 if percent else 1)
+                value = f"{number:.{decimals}f}" + (" %" if percent else "")
+            cells.append(str(value).replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="list the differing cells, change nothing")
+    p.add_argument("--quote", metavar="FILE", help="print a new table of FILE (a CSV under figures/) instead")
+    p.add_argument("--key", default="", help="--quote: the columns that identify a row, comma-separated")
+    p.add_argument("--columns", default="", help="--quote: name:decimals[%%], comma-separated")
+    p.add_argument("--where", action="append", default=[], help="--quote: keep rows with column=value")
     args = p.parse_args(argv)
+    if args.quote:
+        keys = [k.strip() for k in args.key.split(",") if k.strip()]
+        if not keys:
+            p.error("--quote needs --key: the columns that identify a row")
+        print(quote(args.quote, keys, [c.strip() for c in args.columns.split(",") if c.strip()], args.where))
+        return 0
     lines = consistency.RESULTS.read_text().splitlines()
     changed = []
     for line, source, header, rows in consistency.tables("\n".join(lines)):

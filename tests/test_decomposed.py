@@ -101,6 +101,28 @@ def test_whole_network_finetuning_keeps_the_decomposition(digits_model):
     assert (logits.argmax(1) == test.labels).float().mean() > before["acc_decomposed"]  # retraining recovers accuracy
 
 
+def test_the_authors_adam_fine_tuning_takes_steps_of_exactly_lr(digits_model):
+    """Recipe(optimizer="adam"): Adam at a constant rate. Its first step moves every weight with a gradient by
+    lr (bias-corrected m / sqrt(v) = g / |g|), which SGD's steps (lr times the gradient) do not."""
+    import copy
+
+    from classfilters import Recipe, open_dataset, train_classifier
+    split = open_dataset("digits", "train").subset(torch.arange(64))
+    one_step = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "crop_padding": 0, "flip": False}
+    steps = {}
+    for optimizer in ("adam", "sgd"):
+        model = copy.deepcopy(digits_model)
+        conv = model.body.model.conv1.weight
+        before = conv.detach().clone()
+        train_classifier(model, split, Recipe(**one_step, optimizer=optimizer), device="cpu", progress=False)
+        steps[optimizer] = (conv.detach() - before).abs().flatten()
+    moved = steps["adam"][steps["adam"] > 0]
+    assert len(moved) > 0.9 * len(steps["adam"]) and torch.allclose(moved, torch.full_like(moved, 1e-3), rtol=1e-2)
+    assert steps["sgd"].std() > 10 * steps["adam"][steps["adam"] > 0].std()      # SGD's steps vary with the gradient
+    with pytest.raises(ValueError, match="optimizer must be"):
+        Recipe(optimizer="rmsprop")
+
+
 def test_decomposed_softmax_by_hand_below_full_width():
     """k' < D: each class scored in its own subspace, z_c = sum_{j in I_c} W[c, j] phi_j + b_c, then a softmax."""
     from classfilters import InfluentialFeatures

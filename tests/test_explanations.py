@@ -10,6 +10,7 @@ from classfilters import (
     CifarResNet,
     FeatureModel,
     as_feature_model,
+    evaluate,
     evaluate_explanations,
     explain,
     grid_mosaics,
@@ -311,10 +312,57 @@ def test_search_returns_scored_configurations_and_the_best(digits_model):
                              train_features=feats, train_labels=train.labels)
     assert sorted(ks.frame.k_prime) == [2, 8] and ks.frame.grid_pointing.notna().all()
     assert ks.frame.grid_pointing.nunique() == 2                   # different index sets, different explanations
+    test = open_dataset("digits", "test")
+    with torch.no_grad():
+        test_feats = digits_model.forward_features(test.normalize(test.images))
+    space = {"k": (1, 3), "k_prime": (1, 8)}
+    scored = search_explanations(digits_model, mosaics, space, max_tiles=4, floor=-1.0, train_features=feats,
+                                 train_labels=train.labels, test_features=test_feats, test_labels=test.labels,
+                                 accuracy_floor=0.9)
+    for row in scored.frame.itertuples():                          # each row's accuracy, computed independently
+        sets = influential_features(feats, train.labels, row.k, row.k_prime)
+        expected = evaluate(digits_model.head, sets, test_feats, test.labels)
+        assert row.acc_decomposed == expected["acc_decomposed"] and row.relative == expected["relative"]
+        assert row.feasible == (row.relative >= 0.9)                # the faithfulness floor (-1) passes all
+    assert scored.frame.relative.nunique() > 1 and not scored.frame.feasible.all()
+    with pytest.raises(ValueError, match="accuracy_floor needs"):
+        search_explanations(digits_model, mosaics, space, max_tiles=4, train_features=feats,
+                            train_labels=train.labels, accuracy_floor=0.9)
     with pytest.raises(ValueError, match="unknown search parameters"):
         search_explanations(digits_model, mosaics, {"alpha": (1,)})
     with pytest.raises(ValueError, match="train_features"):
         search_explanations(digits_model, mosaics, {"k": (3,)})
+
+
+# relative accuracy here: (1, 1) and (3, 1) ~0.66, (1, 8) ~0.83, (3, 8) ~0.89: all four, two, none feasible
+@pytest.mark.parametrize("floor, n_feasible", [(0.6, 4), (0.8, 2), (0.95, 0)])
+def test_k_search_marks_the_best_explanation_at_the_accuracy_floor_and_the_most_accurate(digits_model, floor,
+                                                                                        n_feasible):
+    from types import SimpleNamespace
+
+    from classfilters import explanation_study as ex
+    train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
+    with torch.no_grad():
+        phi_train, phi_test = (digits_model.forward_features(s.normalize(s.images)) for s in (train, test))
+    subject = SimpleNamespace(model=digits_model, name="resnet8", train=train, test=test,
+                              train_features=phi_train, test_features=phi_test)
+    mosaics = grid_mosaics(test, 4, seed=0)
+    result = ex.k_search(subject, mosaics, [1, 3], [1, 8], 4, "grid_pointing", -1.0, 4, accuracy_floor=floor,
+                         log=lambda *a: None)
+    f = result.frame
+    feasible = f[f.feasible]
+    assert len(feasible) == n_feasible and (feasible.relative >= floor).all() and (f[~f.feasible].relative < floor).all()
+    explanation = f[f.best.str.contains("explanation")]
+    accuracy = f[f.best.str.contains("accuracy")]
+    assert len(accuracy) == 1 and accuracy.relative.iloc[0] == f.relative.max()
+    if len(feasible):
+        assert len(explanation) == 1 and explanation.grid_pointing.iloc[0] == feasible.grid_pointing.max()
+        assert (explanation.relative >= floor).all()
+    else:
+        assert explanation.empty
+    assert (f.best == "-").sum() == len(f) - len(set(explanation.index) | set(accuracy.index))
+    if floor == 0.6:  # every row feasible: the best explanation is not where accuracy is best
+        assert explanation.index[0] != accuracy.index[0] and f.best.iloc[0] == "explanation"
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ TINY = {"name": "tiny", "dataset": "digits", "model": "resnet8", "models": ["res
         "explain_methods": ["lrp_epsilon_plus", "gradient_x_input"], "explain_images": 2, "explain_mosaics": 2,
         "explain_max_tiles": 4, "explain_check_families": ["resnet18"], "explain_search_budget": 2,
         "explain_search_space": {"low": [0.0, 0.25], "high": [0.0, 0.25]}, "explain_search_k": [2, 5],
-        "explain_search_k_prime": [2], "explain_floor": -1.0}
+        "explain_search_k_prime": [2], "explain_floor": -1.0, "depth_seeds": [0, 1, 2]}
 
 
 def execute(tmp_path, profile, overrides, only=None):
@@ -68,6 +68,7 @@ def test_committed_notebooks_are_clean():
 
 def test_every_output_and_provenance(tiny):
     for name in ("fig2_histogram", "fig2_histograms_all_classes", "overlap_matrix", "fig3_heatmap", "fig4_depth_study",
+                 "fig4_seeds",
                  "retrain_accuracy", "table7_maps", "table8_ablation", "csg_gates_and_mi", "explanation_heatmaps",
                  "explanation_search", "explanation_search_best_worst"):
         picture = plt.imread(tiny / f"{name}.png")  # a real picture: drawn, not blank
@@ -151,6 +152,32 @@ def test_depth_study_table(tiny, digits_model):
     assert (curves.relative_lo <= curves.relative).all() and (curves.relative <= curves.relative_hi).all()
 
 
+def test_depth_study_over_training_seeds(tiny):
+    """Every model trained here, once per seed (the saved checkpoint has none); each row recomputed from a
+    model trained independently with that seed."""
+    from classfilters import Recipe, trained_model
+    seeds = table(tiny, "fig4_seeds")
+    assert list(seeds.model.unique()) == ["resnet8", "resnet14"] and set(seeds.seed) == {0, 1, 2}
+    assert all(ks == [1, 2, 4, 8, 16, 32, 64] for ks in seeds.groupby(["model", "seed"]).k.apply(list))
+    curves = table(tiny, "fig4_relative_vs_k")
+    seed0 = seeds[seeds.seed == 0].merge(curves, on=["model", "k"], suffixes=("", "_study"))
+    assert len(seed0) == 2 * 7 and np.allclose(seed0.relative, seed0.relative_study)          # seed 0 is the study's own model
+    train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
+    model = trained_model("resnet14", train, Recipe(**TINY["train"]), seed=2, progress=False)
+    phi_train, phi_test = (extract_features(model, s, progress=False) for s in (train, test))
+    for k in (1, 8):
+        expected = evaluate(model.head, influential_features(phi_train, train.labels, k, k), phi_test, test.labels)
+        row = seeds[(seeds.model == "resnet14") & (seeds.seed == 2) & (seeds.k == k)].iloc[0]
+        assert row.relative == pytest.approx(expected["relative"]) and row.acc_full == pytest.approx(expected["acc_full"])
+    assert seeds.groupby(["model", "k"]).acc_full.nunique().max() > 1    # other seeds, other models
+    summary = table(tiny, "fig4_seeds_summary")
+    assert len(summary) == 2 * 7 and (summary.n_seeds == 3).all()
+    r14 = seeds[(seeds.model == "resnet14") & (seeds.k == 8)].relative
+    row = summary[(summary.model == "resnet14") & (summary.k == 8)].iloc[0]
+    assert row.relative_mean == pytest.approx(r14.mean()) and row.relative_std == pytest.approx(r14.std(ddof=1))
+    assert row.relative_min == pytest.approx(r14.min()) and row.relative_max == pytest.approx(r14.max())
+
+
 def test_retrain_tables(tiny):
     history = table(tiny, "retrain_history")
     assert list(history.epoch) == [0, 1, 2] and history.test_acc.between(0, 1).all()
@@ -158,11 +185,15 @@ def test_retrain_tables(tiny):
     cost = table(tiny, "retrain_cost")
     assert list(cost.multiply_adds) == [640, 50]
     network = table(tiny, "retrain_network")
-    assert list(network.retrained) == ["nothing (full head)", "nothing (masked weights)",
-                                       "decomposed head only (cached features)", "whole network (body + decomposed head)"]
+    assert list(network.retrained) == ["nothing (full head)", "nothing (masked weights)", "head only (cached features)",
+                                       "whole network", "whole network", "whole network (control)"]
+    assert list(network["head"]) == ["full", "decomposed", "decomposed", "decomposed", "decomposed", "full"]
+    assert list(network.authors) == [False, False, False, True, False, True]
+    assert list(network.lr[3:]) == pytest.approx([TINY["finetune_lr"], 0.01, TINY["finetune_lr"]])
     assert network.test_acc[1] == pytest.approx(history.test_acc.iloc[0])
     assert network.test_acc[2] == pytest.approx(history.test_acc.iloc[-1])
-    assert network.test_acc[3] > network.test_acc[1]  # the whole network recovers from the masked weights
+    assert network.test_acc[3] > network.test_acc[1] and network.test_acc[4] > network.test_acc[1]  # recovery
+    assert len(set(network.test_acc[3:])) == 3                              # three different trainings
     assert np.allclose(network.relative, network.test_acc / network.test_acc[0])
     assert len(table(tiny, "decomposed_softmax")) == 5
 
@@ -277,6 +308,8 @@ def test_explanation_tables(tiny):
     assert gammas.feasible.all() and gammas.grid_pointing.is_monotonic_decreasing   # floor -1: best first
     ks = table(tiny, "explanation_search_k")
     assert sorted(ks.k) == [2, 5] and (ks.k_prime == 2).all() and ks.grid_pointing.between(0, 1).all()
+    assert {"acc_decomposed", "relative", "best"} <= set(ks.columns) and ks.relative.between(0, 1.2).all()
+    assert (ks.best.str.contains("accuracy")).sum() == 1 and ks.relative[ks.best.str.contains("accuracy")].iloc[0] == ks.relative.max()
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,34 @@ def test_trained_model_cache_key_holds_the_recipe():
     assert not torch.equal(dict(trained.named_parameters())[conv], dict(init.named_parameters())[conv])
 
 
+def test_trained_model_cache_key_holds_the_code_and_versions(monkeypatch):
+    """A cached model is never returned for other code: a changed forward or another torch trains anew."""
+    import classfilters.cache as cache_module
+    import classfilters.train as train_module
+    from classfilters.cifar_resnet import BasicBlock
+    split = cf.open_dataset("digits", "train").subset(torch.arange(32))
+    recipe = cf.Recipe(epochs=1, batch_size=32, lr=0.05, flip=False)
+    calls = []
+    real = train_module.train_classifier
+    monkeypatch.setattr(train_module, "train_classifier", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for _ in range(2):
+        cf.trained_model("resnet8", split, recipe, seed=5, device="cpu", progress=False)
+    assert len(calls) == 1                                   # the second call is a cache hit
+    original = BasicBlock.forward
+    monkeypatch.setattr(BasicBlock, "forward", lambda self, x: original(self, x) * 1.0)
+    cache_module._class_source_hash.cache_clear()                # as a new process after the edit would
+    cf.trained_model("resnet8", split, recipe, seed=5, device="cpu", progress=False)
+    assert len(calls) == 2                                   # another forward: trained again
+    monkeypatch.setattr(BasicBlock, "forward", original)
+    cache_module._class_source_hash.cache_clear()
+    monkeypatch.setattr(train_module, "library_versions", lambda: {"torch": "0.0", "torchvision": "0.0"})
+    cf.trained_model("resnet8", split, recipe, seed=5, device="cpu", progress=False)
+    assert len(calls) == 3                                   # another torch: trained again
+    monkeypatch.setattr(train_module, "SOURCE_DIGEST", "edited")
+    cf.trained_model("resnet8", split, recipe, seed=5, device="cpu", progress=False)
+    assert len(calls) == 4                                   # train.py edited: trained again
+
+
 def test_cli_scores_the_test_split(tmp_path):
     """Planted bug: the CLI scores on the train split instead of the test split."""
     out = tmp_path / "digits.json"

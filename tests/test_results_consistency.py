@@ -11,6 +11,7 @@ The convention (also stated at the top of RESULTS.md):
 - Columns headed `paper...` or `note` are free text (the paper's numbers, remarks), not checked. Any
   other header must be a source column.
 """
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -122,3 +123,14 @@ def test_the_checker_catches_a_wrong_number():
         test_every_number_matches_its_source(line, source, header, [["5", "5", "0.928", "81.04 %"]])
     with pytest.raises(AssertionError, match="not in the source"):
         test_every_number_matches_its_source(line, source, [*header[:3], "made_up"], rows)
+
+
+def test_a_quoted_table_passes_the_checker():
+    """`scripts/requote_results.py --quote` writes new tables in the convention the checker reads."""
+    spec = importlib.util.spec_from_file_location("requote", ROOT / "scripts" / "requote_results.py")
+    requote = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(requote)
+    text = requote.quote("figures/demo/fig3_diagonal.csv", ["k", "k_prime"], ["acc_full:2%", "relative:3"], ["k=5"])
+    (line, source, header, rows), = tables(text)
+    assert header == ["k", "k_prime", "acc_full", "relative"] and [r[:2] for r in rows] == [["5", "5"]]
+    test_every_number_matches_its_source(line, source, header, rows)

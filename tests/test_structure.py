@@ -293,3 +293,12 @@ def test_data_folder_is_documented_and_its_manifest_is_well_formed():
     ignored = subprocess.run(["git", "check-ignore", "-q", "data/cifar10/x.bin"], cwd=REPO, check=False).returncode == 0
     kept = subprocess.run(["git", "check-ignore", "-q", "data/README.md"], cwd=REPO, check=False).returncode != 0
     assert ignored and kept
+
+
+def test_depth_seeds_and_the_accuracy_floor_are_checked():
+    from classfilters.profile import load_profile
+    with pytest.raises(ValueError, match="distinct seeds"):
+        load_profile("demo", {"depth_seeds": [0, 0, 1]})
+    with pytest.raises(ValueError, match="fraction of the full head"):
+        load_profile("demo", {"explain_accuracy_floor": 90})
+    assert load_profile("demo", {"depth_seeds": [3, 1]}).depth_seeds == [3, 1]

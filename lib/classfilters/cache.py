@@ -11,8 +11,8 @@ are removed on the next start, once their writer is provably gone (dead process)
 old. A cache folder that cannot be written is reported once and the run goes on without it.
 
 The folder is `$CLASSFILTERS_CACHE` or `~/.cache/classfilters`. `code_identity(obj)` hashes what a
-function or module computes (its class, source code and settings) for keys that must change
-when the code does.
+function or module computes (its class, source code and settings) and `source_digest(*modules)` the
+source files of Python modules, for keys that must change when the code does.
 """
 from __future__ import annotations
 
@@ -204,6 +204,15 @@ def code_identity(obj) -> str:
             h.update(f"{name}|{_callable_text(type(module))}|{_settings(module)}\n".encode())
     else:
         h.update(_callable_text(obj).encode())
+    return h.hexdigest()[:24]
+
+
+def source_digest(*modules) -> str:
+    """A hash of the source files of `modules` (Python modules): for keys of results that code in them produced,
+    e.g. a trained model's weights and the training loop that made them."""
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(Path(inspect.getfile(module)).read_bytes())
     return h.hexdigest()[:24]
 
 

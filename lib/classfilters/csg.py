@@ -31,6 +31,7 @@ the filters the class keeps). A ResNet-20 on the digits trains for 10 epochs in 
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import asdict
 from functools import partial
 
@@ -44,7 +45,9 @@ from .decomposed import accuracy, head_on
 from .device import default_device
 from .models import FeatureModel, build_model, fingerprint
 from .progress import tqdm
-from .train import Recipe, augment, one_cycle, step_in_micro_batches
+from .train import Recipe, augment, one_cycle, step_in_micro_batches, training_key
+
+SOURCE_DIGEST = cache.source_digest(sys.modules[__name__])  # this file as imported (a key of trained CSG models)
 
 
 class GatedModel(nn.Module):
@@ -144,6 +147,9 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
         raise ValueError(f"gate_lr must be > 0 and lam >= 0, got gate_lr={gate_lr}, lam={lam}")
     if gate_rule not in GATE_RULES:
         raise ValueError(f"gate_rule must be one of {GATE_RULES}, got {gate_rule!r}")
+    if recipe.optimizer != "sgd":
+        raise ValueError(f"CSG trains body and head with SGD + Nesterov (one-cycle): recipe.optimizer must be 'sgd', "
+                         f"got {recipe.optimizer!r}")
     after_step = clip_gates_ if gate_rule == "clip" else normalize_gates_
     device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(seed)
@@ -188,7 +194,7 @@ def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = 
     recipe = recipe or Recipe()
     key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam,
            "gate_lr": gate_lr, "gate_rule": gate_rule, "gate_optimizer": "adam", "seed": seed, "memory_format": "channels_last",
-           "precision": "bf16 on GPUs"}
+           "precision": "bf16 on GPUs", **training_key(model, SOURCE_DIGEST)}
     gated = GatedModel(copy.deepcopy(model))
     if (state := cache.load("csg", key)) is not None:
         gated.load_state_dict(state)

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import asdict
 
@@ -27,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import cache
+from . import cache, fixed_filters
 from .ablation import noise_ablation, summarize
 from .class_subset import class_subset_model, export_subset_model, latency_ms, predict
 from .data import ImageSplit
@@ -45,8 +46,9 @@ from .fixed_filters import (
 from .influence import influential_features
 from .models import FeatureModel, build_model, fingerprint
 from .prune import channel_prune, check_pct, check_prunable, macs_and_params
-from .train import Recipe, train_classifier
+from .train import Recipe, train_classifier, training_key
 
+SOURCE_DIGEST = cache.source_digest(sys.modules[__name__])  # this file as imported (train_fixed builds the models)
 
 def train_fixed(name: str, train: ImageSplit, init: str = "learned", recipe: Recipe | None = None, seed: int = 0,
                 source: nn.Module | None = None, device=None, progress: bool = False) -> tuple[FeatureModel, float]:
@@ -61,7 +63,7 @@ def train_fixed(name: str, train: ImageSplit, init: str = "learned", recipe: Rec
         fix_spatial_filters(model, init, source=source, seed=seed)
     key = {"model": name, "data": train.fingerprint, "recipe": asdict(recipe), "seed": seed, "init": init,
            "source": fingerprint(source) if init == "GuidedSteer" else None, "in_channels": in_channels,
-           "classes": train.num_classes, "kind": "explainfix-fixed"}
+           "classes": train.num_classes, "kind": "explainfix-fixed", **training_key(model, fixed_filters.SOURCE_DIGEST, SOURCE_DIGEST)}
     if (blob := cache.load("models", key)) is not None:
         seconds = float(blob.pop("__seconds_per_epoch__"))
         model.load_state_dict(blob)

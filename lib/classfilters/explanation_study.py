@@ -131,15 +131,29 @@ def gamma_search(model, mosaics: GridMosaics | None, space: dict, budget: int, o
 
 
 def k_search(subject, mosaics: GridMosaics | None, ks, k_primes, budget: int, objective: str, floor: float,
-             max_tiles: int, seed: int = 0, log=print) -> SearchResult | None:
+             max_tiles: int, seed: int = 0, log=print, accuracy_floor: float = 0.0) -> SearchResult | None:
     """(k, k') of the explanation started from the decomposed logit (influential features only), LRP-gamma at
-    its defaults on the canonized model where the family allows; the index sets from the training features."""
+    its defaults on the canonized model where the family allows; the index sets from the training features.
+    Each row carries the decomposed head's test accuracy (`acc_decomposed`, `relative`); a configuration
+    whose `relative` is below `accuracy_floor` is infeasible. Column `best`: "explanation" on the best
+    feasible row (none when no row is feasible; `SearchResult.best` then falls back to the best row overall),
+    "accuracy" on the highest `relative`, "-" elsewhere."""
     if mosaics is None:
         return None
     space = {"k": tuple(ks), "k_prime": tuple(k_primes), "canonize": canonize_options(subject.model, subject.name, log)[:1]}
-    return search_explanations(subject.model, mosaics, space, budget, objective, floor=floor,
+    result = search_explanations(subject.model, mosaics, space, budget, objective, floor=floor,
                                train_features=subject.train_features, train_labels=subject.train.labels,
-                               max_tiles=max_tiles, seed=seed)
+                               test_features=subject.test_features, test_labels=subject.test.labels,
+                               accuracy_floor=accuracy_floor, max_tiles=max_tiles, seed=seed)
+    frame = result.frame
+    marks = pd.Series("-", index=frame.index)  # "-", not "": an empty cell reads back from CSV as NaN
+    if frame.feasible.any():
+        marks[frame.index[frame.feasible][0]] = "explanation"  # the frame is sorted best first
+    if frame.relative.notna().any():  # NaN everywhere when the full head scores nothing
+        top = frame.relative.idxmax()
+        marks[top] = "explanation, accuracy" if marks[top] != "-" else "accuracy"
+    result.frame = frame.assign(best=marks)
+    return result
 
 
 def search_summary(result: SearchResult | None) -> pd.DataFrame:

@@ -26,11 +26,15 @@ Initialisations (each (o, i) filter drawn independently, no fan-in scaling, as t
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
 
+from . import cache
 from .models import FeatureModel
+
+SOURCE_DIGEST = cache.source_digest(sys.modules[__name__])  # this file as imported (a key of fixed-filter models)
 
 INITS = ("DCT2", "GHaar", "Psine", "Unchanged", "KRandom", "GuidedSteer")
 

@@ -55,10 +55,12 @@ class Profile:
     fig2_class: int = 0            # the class whose histogram is Fig 2 (notebook 1)
     grid_k: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32])  # Fig 3 axes
     depth_k: int = DEFAULT_K       # k = k' of the depth study (the paper: 50 on ImageNet)
+    depth_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds of the models trained
+    #                                here, each trained once per seed in the depth study (checkpoints: one model)
     finetune_epochs: int = 5       # retraining the decomposed head (the authors: 1 on CIFAR-10, ~10 on ImageNet)
-    finetune_lr: float = 0.001     # Adam (the authors: 1e-4 on CIFAR-10, 1e-6 on ImageNet)
-    finetune_network_lr: float = 0.01  # whole-network fine-tuning (notebook 04): peak lr of train_classifier's
-    #                                    SGD + Nesterov one-cycle (the authors: Adam 1e-4, which the library lacks)
+    finetune_lr: float = 0.001     # Adam, constant: the head alone and the authors' whole-network arm of notebook 04
+    #                                (the authors: 1e-4 on CIFAR-10, 1e-6 on ImageNet)
+    finetune_network_lr: float = 0.01  # the library's whole-network arm (notebook 04): peak lr of SGD + Nesterov one-cycle
     vis_images: int = 6            # images in Table 7
     csg_epochs: int = 6            # CSG training epochs, from the profile's model
     csg_lr: float = 0.02           # CSG peak learning rate
@@ -99,12 +101,19 @@ class Profile:
     explain_objective: str = "grid_pointing"  # the searches maximise this metric's mean (or aggregate: the
     # canonization paper's normalised mean of grid pointing, faithfulness correlation, sparseness, sensitivity)
     explain_floor: float = 0.0     # configurations whose mean faithfulness correlation is below it are infeasible
+    explain_accuracy_floor: float = 0.9  # (k, k') whose decomposed head keeps less of the full test accuracy
+    #                                      (relative accuracy) are infeasible in the k search
 
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = Recipe(**self.train)
         self.k, self.k_prime = as_size(self.k, None, "k"), as_size(self.k_prime, None, "k_prime")
         self.depth_k = as_size(self.depth_k, None, "depth_k")
+        if len(set(self.depth_seeds)) != len(self.depth_seeds) or not self.depth_seeds:
+            raise ValueError(f"depth_seeds must be distinct seeds, at least one, got {self.depth_seeds}")
+        if not 0 <= self.explain_accuracy_floor <= 1:
+            raise ValueError(f"explain_accuracy_floor is a fraction of the full head's accuracy in [0, 1] "
+                             f"(0.9 = 90 %), got {self.explain_accuracy_floor}")
         if self.csg_from not in ("model", "scratch"):
             raise ValueError(f"csg_from must be 'model' (CSG from the trained model) or 'scratch' (a fresh one), "
                              f"got {self.csg_from!r}")

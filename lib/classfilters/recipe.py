@@ -1,4 +1,5 @@
-"""`Recipe`: how the library trains a classifier (SGD + Nesterov, one-cycle, crop and flip).
+"""`Recipe`: how the library trains a classifier (SGD + Nesterov, one-cycle, crop and flip; or Adam at a
+constant learning rate, the authors' fine-tuning of §5.2.3).
 
 A plain dataclass with no torch import, so that a profile (profile.py) can be read and
 checked without loading torch; `train.py` does the training.
@@ -17,5 +18,12 @@ class Recipe:
     crop_padding: int | None = None  # random-crop padding in pixels (None: an eighth of the width; 0: none)
     flip: bool = True           # random horizontal flips (off for digits)
     label_smoothing: float = 0.0
+    optimizer: str = "sgd"      # "sgd": SGD + Nesterov (momentum 0.9), one-cycle to `lr`; "adam": Adam at the
+    #                             constant `lr` (the authors' whole-network fine-tuning: lr 1e-4, weight decay 0)
     compile: bool = False       # torch.compile the network (CUDA graphs on a GPU): a slower start, faster steps;
     #                             every batch then holds exactly batch_size images (the last one topped up)
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' (SGD + Nesterov, one-cycle) or 'adam' (constant lr), "
+                             f"got {self.optimizer!r}")

@@ -149,7 +149,7 @@ def run_notebooks(profile: str, only: str | None = None, resume: bool = False, o
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m classfilters.runner", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="demo", help="demo | cifar10-shared | cifar10 | imagenet, or the path of a YAML profile")
+    p.add_argument("--profile", default="demo", help="demo | cifar10-shared | cifar10-cpu-resnet20 | cifar10 | imagenet, or the path of a YAML profile")
     p.add_argument("--only", help="run just this notebook (number, name or part of it)")
     p.add_argument("--resume", action="store_true",
                    help="skip notebooks whose results are current: same library sources, notebook, profile, outputs")

@@ -7,8 +7,9 @@ and scored with `evaluate_explanations`.
 
 Objective (stated, one scalar): maximise the mean `objective` metric (default: the grid pointing game,
 localisation), or "aggregate" (the paper's normalised mean over several metrics), over configurations whose
-mean `floor_metric` (default: faithfulness correlation) reaches `floor`; configurations below the floor are
-kept in the table, marked infeasible. The search is an
+mean `floor_metric` (default: faithfulness correlation) reaches `floor` and, for a (k, k') search given test
+features, whose decomposed head keeps `accuracy_floor` of the full head's test accuracy (`relative`, with
+`acc_decomposed` beside it); configurations below a floor are kept in the table, marked infeasible. The search is an
 exhaustive grid when it has at most `budget` points, else `budget` points drawn from it without
 replacement (seeded).
 """
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .decomposed import evaluate
 from .explanation_metrics import HIGHER_IS_BETTER, METRICS, aggregate_score, evaluate_explanations
 from .explanations import LAYER_GROUPS, explain, heatmap, heatmap_figure
 from .influence import influential_features
@@ -56,6 +58,8 @@ def search_explanations(model, mosaics: GridMosaics, space: dict | None = None, 
                         objective: str = "grid_pointing", floor_metric: str = "faithfulness_correlation",
                         floor: float = 0.0, train_features: torch.Tensor | None = None,
                         train_labels: torch.Tensor | None = None, max_tiles: int = 16, seed: int = 0,
+                        test_features: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
+                        accuracy_floor: float = 0.0,
                         aggregate_of: tuple = ("grid_pointing", "faithfulness_correlation", "sparseness",
                                                "avg_sensitivity")) -> SearchResult:
     """Score every configuration (see the module docstring); best = highest objective among the feasible.
@@ -72,6 +76,9 @@ def search_explanations(model, mosaics: GridMosaics, space: dict | None = None, 
         raise ValueError("searching k, k' needs train_features and train_labels (the penultimate features phi)")
     if budget < 1:
         raise ValueError(f"budget must be at least 1, got {budget}")
+    scored_accuracy = decomposed and test_features is not None and test_labels is not None
+    if accuracy_floor and not scored_accuracy:
+        raise ValueError("an accuracy_floor needs a (k, k') search with test_features and test_labels")
     model = as_feature_model(model).eval()
     m, t, c = (v[:max_tiles] for v in mosaics.expanded())
     x, masks = mosaics.normalize(mosaics.images[m]), mosaics.masks(t)
@@ -82,15 +89,21 @@ def search_explanations(model, mosaics: GridMosaics, space: dict | None = None, 
         canon = bool(config.get("canonize", True))
         influence, start = None, "full"
         if decomposed:
-            influence = influential_features(train_features, train_labels, config.get("k", 5), config.get("k_prime", 5))
+            influence = influential_features(train_features, train_labels, config.get("k", 5), config.get("k_prime", 5),
+                                             num_classes=model.head.out_features)
             start = "influential"
         scores = evaluate_explanations(model, x, c, "lrp_gamma", start, influence, canon, masks, metrics, seed,
                                        gammas=gammas, epsilon=float(config.get("epsilon", 1e-6)))
         rows.append({**config, **{k: float(scores[k].mean()) for k in metrics}})
+        if scored_accuracy:
+            acc = evaluate(model.head, influence, test_features, test_labels)
+            rows[-1].update(acc_decomposed=acc["acc_decomposed"], relative=acc["relative"])
     frame = pd.DataFrame(rows)
     if objective == "aggregate":
         frame["aggregate"] = aggregate_score(frame, aggregate_of)
     frame["feasible"] = frame[floor_metric] >= floor if HIGHER_IS_BETTER[floor_metric] else frame[floor_metric] <= floor
+    if scored_accuracy:
+        frame["feasible"] &= frame["relative"] >= accuracy_floor
     sign = 1 if HIGHER_IS_BETTER.get(objective, True) else -1
     ranked = frame.assign(_score=sign * frame[objective]).sort_values("_score", ascending=False, kind="stable")
     feasible = ranked[ranked.feasible]

@@ -141,6 +141,26 @@ class Study:
                              f"got {p.weights!r}")
         return trained_model(arch, train, p.train, seed=p.seed, device=p.device, progress=p.progress)
 
+    def trains(self, name: str) -> bool:
+        """Whether the profile trains `name` here (not a checkpoint, downloaded or random weights)."""
+        return self.profile.weights == "train" and name not in self.profile.checkpoints and "@" not in name
+
+    def load_seeded(self, name: str, seed: int) -> Subject:
+        """The model `name` trained here with `seed` (the profile's seed: the study's own `name`), named
+        `name#seed<seed>` otherwise; a model the profile does not train is refused."""
+        p = self.profile
+        if not self.trains(name):
+            raise ValueError(f"{name!r} is not trained by this profile (a checkpoint or weights {p.weights!r}): "
+                             f"it has no training seeds")
+        if seed == p.seed:
+            return self.load(name)
+        seeded = f"{name}#seed{seed}"
+        if seeded not in self._subjects:
+            train = self.split("train")
+            model = trained_model(architecture(name), train, p.train, seed=seed, device=p.device, progress=p.progress)
+            self._add({seeded: model.eval()})
+        return self._subjects[seeded]
+
     def load(self, name: str | None = None) -> Subject:
         """The model `name` (default: the profile's main model) with its features, built once per study."""
         return self.load_all([name or self.profile.model])[0]

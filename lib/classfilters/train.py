@@ -3,8 +3,9 @@
 `train_classifier` runs SGD + Nesterov with a one-cycle schedule over whole uint8 batches
 held on the device, with random-crop (and optionally flip) augmentation done on the batch
 (no DataLoader). `trained_model` caches the result under a key of the model name, the
-split's fingerprint, the recipe and the seed, so profiles never train the same model
-twice. With `Recipe(compile=True)` every step sees a batch of exactly `batch_size` images (the
+split's fingerprint, the recipe, the seed and `training_key` (the model's forward code, this file's
+source, torch and torchvision), so profiles never train the same model twice and an edit of the
+training or model code never returns weights the old code made. With `Recipe(compile=True)` every step sees a batch of exactly `batch_size` images (the
 epoch's last batch is topped up from the start of its order), so a compiled network, CUDA graphs
 included, is compiled once. `finetune_head` retrains a `DecomposedHead` from cached features (Adam, lr 1e-4,
 as the authors), recording accuracy after every epoch, on one process or many (DDP).
@@ -25,6 +26,7 @@ from . import cache
 from .data import ImageSplit
 from .decomposed import DecomposedHead, accuracy
 from .device import default_device, world
+from .features import library_versions
 from .models import FeatureModel, build_model
 from .progress import tqdm
 from .recipe import Recipe
@@ -97,8 +99,12 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
     trainable = [p for p in model.parameters() if p.requires_grad]  # fixed (frozen) weights stay bit-identical
     if not trainable:
         raise ValueError("the model has no trainable parameter (every requires_grad is False): nothing to train")
-    opt = torch.optim.SGD(trainable, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
-    sched = one_cycle(opt, recipe.lr, recipe.epochs * steps_per_epoch)
+    if recipe.optimizer == "adam":  # the authors' fine-tuning: Adam at a constant rate
+        opt = torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    else:
+        opt = torch.optim.SGD(trainable, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
+        sched = one_cycle(opt, recipe.lr, recipe.epochs * steps_per_epoch)
     bf16 = device.type == "cuda"
     padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8
     micro = recipe.batch_size
@@ -221,6 +227,18 @@ def _average_gradients(opt) -> None:
         p.grad.copy_(g.view_as(p.grad))
 
 
+SOURCE_DIGEST = cache.source_digest(sys.modules[__name__])  # read once, at import: the code this process runs
+
+
+def training_key(model: nn.Module, *sources: str) -> dict:
+    """What trained weights depend on besides data, recipe and seed: the model's forward code (every submodule's
+    class, source and settings), the training code (this module's SOURCE_DIGEST and `sources`, the digests of
+    other modules that train, e.g. csg's), torch and torchvision. A whole file is hashed: any edit of it
+    retrains, which costs time but never returns weights that other code made."""
+    return {"forward": cache.code_identity(model), "training": "|".join((SOURCE_DIGEST, *sources)),
+            "versions": library_versions()}
+
+
 def trained_model(name: str, split: ImageSplit, recipe: Recipe | None = None, seed: int = 0, device=None,
                   progress: bool = True) -> FeatureModel:
     """`build_model(name)` trained on `split` with `recipe`, from the cache when done before."""
@@ -230,7 +248,7 @@ def trained_model(name: str, split: ImageSplit, recipe: Recipe | None = None, se
     model = build_model(name, num_classes=split.num_classes, in_channels=in_channels)
     key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed,
            "init": "seeded", "loss": "sum-scaled", "memory_format": "channels_last",
-           "in_channels": in_channels, "classes": split.num_classes}
+           "in_channels": in_channels, "classes": split.num_classes, **training_key(model)}
     if (state := cache.load("models", key)) is not None:
         model.load_state_dict(state)
         return model.eval()
