@@ -251,6 +251,30 @@ def test_resume_reruns_what_is_not_provably_current(tmp_path, monkeypatch):
         runner.main(["--set", "name=t", "--resume", "--figures", str(tmp_path / "figures"), "--runs", str(tmp_path / "r")])
 
 
+def test_a_run_of_one_notebook_keeps_the_others_records_under_other_settings(tmp_path):
+    """--only with other settings: the other notebooks' records stay, tagged with the settings they ran
+    under (never silently dropped), and --resume runs them again because those settings differ."""
+    folder = tiny_notebooks(tmp_path / "nbs")
+    second = nbformat.read(folder / "01_write.ipynb", as_version=4)
+    second.cells[1].source = "from pathlib import Path\nPath(out_dir, 'other.csv').write_text(f'k,{k}\\n')"
+    nbformat.write(second, folder / "02_other.ipynb")
+    kw = {"figures_dir": tmp_path / "figures", "runs_dir": tmp_path / "runs", "notebooks_dir": folder, "progress": False}
+    log = []
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 3}, log=log.append, **kw) == 0
+    first = json.loads((tmp_path / "figures" / "provenance.json").read_text())
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 4}, only="02", log=log.append, **kw) == 0
+    assert "01_write: made under other settings" in "\n".join(log)
+    prov = json.loads((tmp_path / "figures" / "provenance.json").read_text())
+    old, new = prov["notebooks"]["01_write"], prov["notebooks"]["02_other"]
+    assert old == first["notebooks"]["01_write"]                           # kept as it was written
+    assert prov["settings"][old["settings"]]["k"] == 3 and prov["settings"][new["settings"]]["k"] == 4
+    assert prov["profile_values"]["k"] == 4 and old["settings"] != new["settings"]
+    log.clear()
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 4}, resume=True, log=log.append, **kw) == 0
+    assert "01_write: run again (the profile's settings changed)" in "\n".join(log)
+    assert "02_other: current" in "\n".join(log)
+
+
 def test_provenance_is_written_atomically_and_names_the_commit_without_git(tmp_path, monkeypatch):
     path = tmp_path / "provenance.json"
     provenance.write(path, {"a": 1})

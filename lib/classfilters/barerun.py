@@ -126,9 +126,12 @@ def run(profile: str, only: str | None = None, overrides: dict | None = None, fi
     all_notebooks = runner.notebooks(Path(notebooks_dir or root / "notebooks"))
     todo = [runner.pick(all_notebooks, only)] if only else all_notebooks
     code = provenance.code_state(root, log)
-    record = {"profile": name, "profile_values": values, **code, "runner": "classfilters.barerun (no Jupyter)",
-              "device": provenance.device_name(), "libraries": provenance.versions(), "notebooks": {}}
     prov_path = figures_dir / "provenance.json"
+    done, settings = provenance.carried(provenance.read(prov_path)) if only else ({}, {})  # --only keeps the others
+    digest = provenance.settings_digest(values)
+    record = {"profile": name, "profile_values": values, **code, "runner": "classfilters.barerun (no Jupyter)",
+              "device": provenance.device_name(), "libraries": provenance.versions(), "notebooks": done,
+              "settings": {**settings, digest: values}}
     os.environ["MPLBACKEND"] = "Agg"
     started = time.time()
     for nb in todo:
@@ -143,7 +146,7 @@ def run(profile: str, only: str | None = None, overrides: dict | None = None, fi
         except (RuntimeError, ValueError) as e:
             entry = {"status": "failed", "error": str(e).splitlines()[0]}
             log(f"[{name}] {nb.stem} FAILED: {e}\n  printed output: {runs_dir / (nb.stem + '.log')}")
-        entry.update(provenance.entry_state(code, nb, figures_dir, t0), seconds=round(time.time() - t0, 1),
+        entry.update(provenance.entry_state(code, nb, figures_dir, t0), settings=digest, seconds=round(time.time() - t0, 1),
                      finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         record["notebooks"][nb.stem] = entry
         record["total_seconds_this_run"] = round(time.time() - started, 1)

@@ -70,6 +70,24 @@ def code_state(root: Path, log=print) -> dict:
     return {"git_commit": commit, "git_dirty": dirty, "source_hash": source_hash()}
 
 
+def settings_digest(values: dict) -> str:
+    """A short hash of a resolved profile's values: the settings a notebook's results were made under."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def carried(previous: dict) -> tuple[dict, dict]:
+    """(notebooks, settings) of an earlier record, every entry tagged with the digest of the settings it ran
+    under (records written before entries carried one: the record's `profile_values`), and digest -> values.
+    A run of some notebooks thus keeps the others' records, whatever settings they were made under."""
+    settings = dict(previous.get("settings", {}))
+    values = previous.get("profile_values")
+    default = settings_digest(values) if values is not None else None
+    if values is not None:
+        settings.setdefault(default, values)
+    notebooks = {stem: {"settings": default, **entry} for stem, entry in previous.get("notebooks", {}).items()}
+    return notebooks, settings
+
+
 def entry_state(code: dict, notebook: Path, out_dir: Path, started: float) -> dict:
     """What identifies one notebook's results: the code, the notebook and the outputs it wrote since `started`."""
     outputs = {p.name: file_hash(p) for p in sorted(out_dir.iterdir())
@@ -78,10 +96,12 @@ def entry_state(code: dict, notebook: Path, out_dir: Path, started: float) -> di
             "outputs": outputs, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def why_stale(entry: dict, code: dict, notebook: Path, executed: Path, out_dir: Path) -> str:
-    """Why a notebook must run again ("" when its results are current)."""
+def why_stale(entry: dict, code: dict, notebook: Path, executed: Path, out_dir: Path, settings: str | None = None) -> str:
+    """Why a notebook must run again ("" when its results are current); `settings`: the digest of this run's."""
     if entry.get("status") != "ok":
         return "not done" if not entry else f"last status {entry.get('status')}"
+    if settings is not None and entry.get("settings") != settings:
+        return "the profile's settings changed"
     if entry.get("source_hash") != code["source_hash"]:
         return "the library's sources changed"
     if entry.get("notebook_hash") != file_hash(notebook):

@@ -104,16 +104,21 @@ def run_notebooks(profile: str, only: str | None = None, resume: bool = False, o
     code = provenance.code_state(root, log)
     prov_path = figures_dir / "provenance.json"
     previous = provenance.read(prov_path) if (resume or only) else {}
-    done = previous.get("notebooks", {}) if previous.get("profile_values") == values else {}
+    done, settings = provenance.carried(previous)
+    digest = provenance.settings_digest(values)
+    running = {nb.stem for nb in todo}
+    if other := sorted(stem for stem, e in done.items() if e.get("settings") != digest and stem not in running):
+        log(f"[{name}] {', '.join(other)}: made under other settings; their records are kept, tagged with them "
+            f"(provenance.json#settings)")
     record = {"profile": name, "profile_values": values, **code, "device": provenance.device_name(),
-              "libraries": provenance.versions(), "notebooks": done}
+              "libraries": provenance.versions(), "notebooks": done, "settings": {**settings, digest: values}}
     started = time.time()
     status = 0
     with kernel_environment():
         for nb in todo:
             entry = done.get(nb.stem, {})
             if resume and not only:
-                stale = provenance.why_stale(entry, code, nb, runs_dir / nb.name, figures_dir)
+                stale = provenance.why_stale(entry, code, nb, runs_dir / nb.name, figures_dir, digest)
                 if not stale:
                     log(f"[{name}] {nb.stem}: current (same library sources, notebook and outputs), skipped")
                     continue
@@ -133,7 +138,8 @@ def run_notebooks(profile: str, only: str | None = None, resume: bool = False, o
                 entry = {"status": "failed", "error": f"{ename}: {evalue}"}
                 log(f"[{name}] {nb.stem} FAILED: {ename}: {evalue}\n  executed copy: {runs_dir / nb.name}")
                 status = 1
-            entry.update(provenance.entry_state(code, nb, figures_dir, t0), seconds=round(time.time() - t0, 1))
+            entry.update(provenance.entry_state(code, nb, figures_dir, t0), settings=digest,
+                         seconds=round(time.time() - t0, 1))
             done[nb.stem] = entry
             record["total_seconds_this_run"] = round(time.time() - started, 1)
             provenance.write(prov_path, record)
