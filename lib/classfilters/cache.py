@@ -13,6 +13,9 @@ old. A cache folder that cannot be written is reported once and the run goes on 
 The folder is `$CLASSFILTERS_CACHE` or `~/.cache/classfilters`. `code_identity(obj)` hashes what a
 function or module computes (its class, source code and settings) and `source_digest(*modules)` the
 source files of Python modules, for keys that must change when the code does.
+
+About 310 lines: keys, atomic writes, checksums on read, the clean-up of killed writes and the code
+hashes are one guarantee (never a stale or half-written entry) and are kept together.
 """
 from __future__ import annotations
 

@@ -1,14 +1,18 @@
 """Training on in-memory uint8 splits: CIFAR ResNets from scratch, and the decomposed head.
 
-`train_classifier` runs SGD + Nesterov with a one-cycle schedule over whole uint8 batches
-held on the device, with random-crop (and optionally flip) augmentation done on the batch
-(no DataLoader). `trained_model` caches the result under a key of the model name, the
-split's fingerprint, the recipe, the seed and `training_key` (the model's forward code, this file's
-source, torch and torchvision), so profiles never train the same model twice and an edit of the
-training or model code never returns weights the old code made. With `Recipe(compile=True)` every step sees a batch of exactly `batch_size` images (the
+`train_classifier` runs SGD + Nesterov with a one-cycle schedule (or, `Recipe(optimizer="adam")`, Adam
+at a constant rate: the authors' fine-tuning) over whole uint8 batches held on the device, with
+random-crop (and optionally flip) augmentation done on the batch (no DataLoader). `trained_model`
+caches the result under a key of the model name, the split's fingerprint, the recipe, the seed and
+`training_key` (the model's forward code, this file's source, torch and torchvision), so profiles never
+train the same model twice and an edit of the training or model code never returns weights the old
+code made. With `Recipe(compile=True)` every step sees a batch of exactly `batch_size` images (the
 epoch's last batch is topped up from the start of its order), so a compiled network, CUDA graphs
-included, is compiled once. `finetune_head` retrains a `DecomposedHead` from cached features (Adam, lr 1e-4,
-as the authors), recording accuracy after every epoch, on one process or many (DDP).
+included, is compiled once. `finetune_head` retrains a `DecomposedHead` from cached features (Adam, lr
+1e-4, as the authors), recording accuracy after every epoch, on one process or many (DDP).
+
+About 310 lines: the training loop's device, DDP, micro-batch (out of memory) and compile paths share
+one step function and one cache key, and are kept with it.
 """
 from __future__ import annotations
 
