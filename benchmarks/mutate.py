@@ -45,6 +45,7 @@ MODULES = {
     "provenance": ["test_structure.py", "test_planted_bugs.py"],        # what --resume trusts
     "tables": ["test_planted_bugs.py"],  # the study tables (also run by test_notebooks.py, too slow per mutant)
 }
+ALSO_COPY = ("figures", "profiles", "notebooks", "data", "benchmarks", "README.md", "RESULTS.md", "Makefile")
 COUNTED = {"killed", "survived", "timeout", "no tests", "suspicious", "segfault"}
 
 
@@ -53,6 +54,8 @@ def stage(scratch: Path, modules: list[str]) -> None:
     shutil.copytree(REPO / "lib" / "classfilters", scratch / "src" / "classfilters",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "tests", scratch / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ALSO_COPY:  # what the tests read beside the code (committed figures, profiles, notebooks, ...)
+        (scratch / name).symlink_to(REPO / name)
     tests = sorted({f"tests/{t}" for m in modules for t in MODULES[m]})
     only = ", ".join(f'"src/classfilters/{m}.py"' for m in modules)
     selection = ", ".join(f'"{t}"' for t in tests)
@@ -61,6 +64,7 @@ def stage(scratch: Path, modules: list[str]) -> None:
         'source_paths = ["src"]\n'
         f"only_mutate = [{only}]\n"
         f"pytest_add_cli_args_test_selection = [{selection}]\n"
+        f"also_copy = [{', '.join(repr(n).replace(chr(39), chr(34)) for n in ALSO_COPY)}]\n"
         'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider"]\n'
         'process_isolation = "forkserver"\n'  # torch is not fork-safe after the stats run
         "mutate_only_covered_lines = true\n")
@@ -105,6 +109,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{scratch} exists and is not an earlier mutation run: choose an empty folder")
     shutil.rmtree(scratch / "src", ignore_errors=True)
     shutil.rmtree(scratch / "tests", ignore_errors=True)
+    for name in ALSO_COPY:
+        (scratch / name).unlink(missing_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
     stage(scratch, args.modules)
     env = {**os.environ, "CLASSFILTERS_SHARED_DATA": os.environ.get("CLASSFILTERS_SHARED_DATA",

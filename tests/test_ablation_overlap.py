@@ -189,3 +189,36 @@ def test_grid_noise_and_heads_stay_on_the_features_device(monkeypatch):
     noise_ablation(head, influence, features, labels, features)
     evaluate(head, influence, features, labels)
     assert head.weight.dtype == torch.float64
+
+
+# ------------------------------------------------------------------ mutation survivors killed (make mutate)
+
+
+def test_summarize_gives_the_sample_standard_deviation_of_each_arm():
+    rows = [{"noise": "n", "head": "full", "replaced": "r", "authors_table8": True, "accuracy": a}
+            for a in (0.2, 0.4, 0.9)]
+    (row,) = summarize(rows)
+    assert row["draws"] == 3 and row["mean"] == pytest.approx(0.5)
+    assert row["std"] == pytest.approx(((0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2) ** 0.5)  # ddof 1, by hand
+
+
+def test_default_noise_is_standard_normal():
+    features = torch.full((20000, 2), 7.0)
+    replace = torch.tensor([True, False]).expand(20000, 2)
+    noisy = with_noise(features, replace, seed=3)
+    assert noisy[:, 0].mean().abs() < 0.03 and (noisy[:, 0].std() - 1).abs() < 0.03  # N(0, 1) by default
+    assert torch.equal(noisy[:, 1], features[:, 1])
+
+
+def test_size_matched_sets_are_drawn_anew_for_each_draw():
+    features = torch.rand(200, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4).repeat_interleave(50)
+    influence = influential_features(features, labels, k=3, k_prime=3)
+    gen = torch.Generator().manual_seed(0)
+    first, second = (arm_masks(influence, labels, gen)["non_influential_matched_size"] for _ in range(2))
+    assert not torch.equal(first, second)  # one generator, consumed: another random set per draw
+
+
+def test_mean_pairwise_of_a_single_class_is_undefined():
+    assert math.isnan(mean_pairwise(torch.ones(1, 1)))
+    assert mean_pairwise(torch.tensor([[1.0, 0.2], [0.4, 1.0]])) == pytest.approx(0.3)

@@ -22,6 +22,7 @@ def test_stage_names_the_modules_and_their_tests(tmp_path):
     for test in ("tests/test_ablation_overlap.py", "tests/test_cli.py", "tests/test_security.py"):
         assert f'"{test}"' in config and (tmp_path / test).is_file()
     assert (tmp_path / "src" / "classfilters" / "overlap.py").is_file()
+    assert 'also_copy = ["figures", "profiles"' in config and (tmp_path / "figures" / "demo").is_dir()
 
 
 def test_score_counts_killed_and_timeouts_against_survivors_and_untested():
