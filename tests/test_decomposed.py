@@ -137,3 +137,17 @@ def test_decomposed_softmax_by_hand_below_full_width():
     assert torch.allclose(decomposed(phi), z)
     assert torch.allclose(decomposed.decomposed_softmax(phi), expected)
     assert not torch.allclose(decomposed.decomposed_softmax(phi), head(phi).softmax(-1))
+
+
+def test_feature_ranks_by_hand_for_each_ranking():
+    """Positions in each row's ranking (0 = largest; ties to the lower index): by value for non-negative
+    features, by magnitude as soon as one is negative ("auto"), or as asked."""
+    from classfilters.decomposed import feature_ranks
+    nonneg = torch.tensor([[0.5, 2.0, 0.5, 1.0]])
+    assert feature_ranks(nonneg).tolist() == [[2, 0, 3, 1]]
+    signed = torch.tensor([[0.5, -3.0, 1.0, 0.0]])
+    assert feature_ranks(signed).tolist() == [[2, 0, 1, 3]]                      # auto: |x|
+    assert feature_ranks(signed, "value").tolist() == [[1, 3, 0, 2]]
+    assert feature_ranks(signed, "magnitude").tolist() == feature_ranks(signed).tolist()
+    with pytest.raises(ValueError):
+        feature_ranks(signed, "AUTO")
