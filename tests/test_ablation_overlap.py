@@ -222,3 +222,16 @@ def test_size_matched_sets_are_drawn_anew_for_each_draw():
 def test_mean_pairwise_of_a_single_class_is_undefined():
     assert math.isnan(mean_pairwise(torch.ones(1, 1)))
     assert mean_pairwise(torch.tensor([[1.0, 0.2], [0.4, 1.0]])) == pytest.approx(0.3)
+
+
+def test_summarize_with_one_and_two_draws():
+    one = summarize([{"noise": "n", "head": "full", "replaced": "r", "authors_table8": True, "accuracy": 0.7}])
+    assert one[0]["std"] == 0.0 and one[0]["mean"] == 0.7                      # one draw: no spread
+    two = summarize([{"noise": "n", "head": "full", "replaced": "r", "authors_table8": True, "accuracy": a}
+                     for a in (0.6, 0.8)])
+    assert two[0]["std"] == pytest.approx(0.02 ** 0.5)                         # ddof 1 with two draws
+
+
+def test_jaccard_of_identical_single_feature_sets_is_one():
+    mask = torch.tensor([[True, False, False], [True, False, False], [False, True, False]])
+    assert jaccard_matrix(mask).tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
