@@ -81,8 +81,9 @@ def carried(previous: dict) -> tuple[dict, dict]:
     A run of some notebooks thus keeps the others' records, whatever settings they were made under."""
     settings = dict(previous.get("settings", {}))
     values = previous.get("profile_values")
-    default = settings_digest(values) if values is not None else None
+    default = None
     if values is not None:
+        default = settings_digest(values)
         settings.setdefault(default, values)
     notebooks = {stem: {"settings": default, **entry} for stem, entry in previous.get("notebooks", {}).items()}
     return notebooks, settings
