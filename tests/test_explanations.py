@@ -263,6 +263,14 @@ def test_summarize_intervals():
     assert table.loc[1, "sparseness_lo"] < 0.5 < table.loc[1, "sparseness_hi"] and table.loc[1, "n"] == 4
 
 
+def test_summarize_counts_only_scored_rows():
+    import pandas as pd
+    frame = pd.DataFrame({"method": "a", "start": "full", "canonized": False,
+                          "grid_pointing": [1.0, np.nan, 0.0, np.nan, np.nan]})
+    (row,) = summarize(frame).to_dict("records")
+    assert row["n"] == 2 and row["rows"] == 5 and row["grid_pointing"] == 0.5
+
+
 def test_quantus_localisation_matches_a_hand_computation(digits_model):
     mosaics = grid_mosaics(open_dataset("digits", "test"), 2, seed=1)
     m, t, c = mosaics.expanded()

@@ -193,7 +193,9 @@ def aggregate_score(table: pd.DataFrame, metrics) -> pd.Series:
 
 
 def summarize(frame: pd.DataFrame, by=("method", "start", "canonized"), n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Mean and 95% percentile-bootstrap interval of every metric column per group (NaNs dropped)."""
+    """Mean and 95% percentile-bootstrap interval of every metric column per group (NaNs dropped); `n` counts the
+    rows that at least one metric scored (a tile no metric could score, e.g. a zero heatmap, is not counted) and
+    `rows` all rows of the group."""
     rng = np.random.default_rng(seed)
     metrics = [col for col in frame.columns if col in METRICS]
     rows = []
@@ -206,6 +208,7 @@ def summarize(frame: pd.DataFrame, by=("method", "start", "canonized"), n_boot: 
                 continue
             boots = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = v.mean(), *np.percentile(boots, [2.5, 97.5])
-        row["n"] = len(group)
+        row["n"] = int(group[metrics].notna().any(axis=1).sum())
+        row["rows"] = len(group)
         rows.append(row)
     return pd.DataFrame(rows)
