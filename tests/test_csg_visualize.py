@@ -14,6 +14,8 @@ def test_gate_rules():
     assert torch.allclose(g, torch.tensor([[0.5, 1.0], [0.0, 0.0], [1.0, 0.0]]))
     assert csg.sparsity_loss(torch.full((10, 10), 0.2), 1.0) == 0              # at the 20 % budget: free
     assert csg.sparsity_loss(torch.full((10, 10), 0.5), 0.1).item() == torch.tensor(3.0).item()
+    assert csg.sparsity_loss(torch.full((10, 10), 0.2), 1.0, budget=0.1).item() == pytest.approx(10.0)  # 20 - 10
+    assert csg.sparsity_loss(torch.full((10, 10), 0.2), 1.0, budget=0.3) == 0
     gates = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9], [0.7, 0.3]])      # (D=4, C=2)
     assert csg.gate_mask(gates, 2, "highest").tolist() == [[True, False, False, True], [False, True, True, False]]
     assert csg.gate_mask(gates, 2, "lowest").tolist() == [[False, True, True, False], [True, False, False, True]]
@@ -62,6 +64,19 @@ def test_csg_gates_of_features_a_class_does_not_use_close():
     assert (official.gates.detach()[unused] > 0.9).all() and csg.l1_density(official.gates) > 0.5
     with pytest.raises(ValueError, match="gate_rule"):
         csg.train_csg(model, split, recipe, gate_rule="max")
+    with pytest.raises(ValueError, match="budget"):
+        csg.train_csg(model, split, recipe, budget=1.5)
+
+
+def test_csg_budget_sets_where_the_l1_term_stops():
+    """A budget of 1 (the L1 term never costs): nothing closes the gates of features the head barely reads, so many
+    stay open (Adam drives them to 0 or 1 on tiny gradients); the official 0.2 closes all of them (test above)."""
+    model, split = planted_csg_case()
+    recipe = Recipe(epochs=10, batch_size=32, lr=1e-3, crop_padding=0, flip=False, weight_decay=0)
+    free = csg.train_csg(model, split, recipe, lam=0.01, gate_lr=0.05, device="cpu", budget=1.0).gates.detach()
+    unused = torch.ones(12, dtype=torch.bool)
+    unused[3 * torch.arange(4)] = False
+    assert (free[unused] > 0.5).sum() >= 8 and csg.l1_density(free) > 0.3
 
 
 def test_untrained_model_is_seeded():

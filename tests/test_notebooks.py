@@ -226,6 +226,7 @@ def test_csg_tables(tiny):
     assert list(t1.csg_start) == ["n/a (no CSG)", "from resnet8", "from resnet8"]  # TINY: csg_from model
     assert t1.l1_density[1:].between(0, 1).all() and t1.nonzero_fraction[1:].between(0, 1).all()
     assert t1.l1_density[1] == t1.l1_density[2] and t1.l1_density[1] < 0.5  # the gates shrink from their 0.5 start
+    assert t1.l1_budget[0] != t1.l1_budget[0] and (t1.l1_budget[1:] == 0.2).all()  # NaN without CSG; the official 0.2
     mi = table(tiny, "csg_mutual_information")
     assert list(mi.method) == ["ours (Algorithm 1)", "CSG lowest gates (authors' code)", "CSG highest gates (sound)"]
     assert (mi.mutual_information_distinct_pairs >= 0).all() and mi.jaccard_distinct_pairs.between(0, 1).all()

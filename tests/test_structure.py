@@ -325,4 +325,6 @@ def test_depth_seeds_and_the_accuracy_floor_are_checked():
         load_profile("demo", {"depth_seeds": [0, 0, 1]})
     with pytest.raises(ValueError, match="fraction of the full head"):
         load_profile("demo", {"explain_accuracy_floor": 90})
+    with pytest.raises(ValueError, match="csg_budget"):
+        load_profile("demo", {"csg_budget": 20})
     assert load_profile("demo", {"depth_seeds": [3, 1]}).depth_seeds == [3, 1]

@@ -3,7 +3,7 @@
 A gate matrix G in [0, 1]^{D x C} (initialised to 0.5) multiplies the penultimate features
 phi(x) by the column of the true label, in training only. Training alternates step by step
 between the standard path (cross-entropy of head(phi)) and the gated path (cross-entropy of
-head(phi * G[:, y]) + lam * relu(||G||_1 - 0.2 |G|)). The body and head follow the recipe (SGD,
+head(phi * G[:, y]) + lam * relu(||G||_1 - budget |G|), budget 0.2 as the official code). The body and head follow the recipe (SGD,
 one-cycle); the gates have their own Adam optimiser (`gate_lr`, constant), stepped on gated steps,
 and after each gated step are clipped to [0, 1] (`gate_rule="clip"`, the default) or, as the
 official code, divided by their row's maximum and clipped (`"row_max"`).
@@ -78,9 +78,10 @@ def nonzero_fraction(gates: torch.Tensor) -> float:
     return (gates.detach() != 0).double().mean().item()
 
 
-def sparsity_loss(gates: torch.Tensor, lam: float, density: float = 0.2) -> torch.Tensor:
-    """lam * relu(||G||_1 - density * |G|): only gate mass above 20 % of the entries costs."""
-    return lam * F.relu(gates.abs().sum() - density * gates.numel())
+def sparsity_loss(gates: torch.Tensor, lam: float, budget: float = 0.2) -> torch.Tensor:
+    """lam * relu(||G||_1 - budget * |G|): only gate mass above the budget's L1-density costs (the official
+    code: 0.2), so the density settles near `budget` unless the cross-entropy closes more gates."""
+    return lam * F.relu(gates.abs().sum() - budget * gates.numel())
 
 
 GATE_RULES = ("clip", "row_max")
@@ -138,13 +139,17 @@ def untrained_model(name: str, split: ImageSplit, seed: int = 0) -> FeatureModel
 
 def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = None, lam: float = 0.01,
               seed: int = 0, device=None, progress: bool = False, gate_lr: float = 0.01,
-              gate_rule: str = "clip") -> GatedModel:
+              gate_rule: str = "clip", budget: float = 0.2) -> GatedModel:
     """CSG training from `model` (copied; trained, or `untrained_model` for CSG from scratch):
     alternating standard and gated steps; the gates stepped by Adam at `gate_lr`, then clipped to
-    [0, 1] (`gate_rule="clip"`) or divided by their row's max and clipped (`"row_max"`, the official)."""
+    [0, 1] (`gate_rule="clip"`) or divided by their row's max and clipped (`"row_max"`, the official);
+    `budget`: the L1-density above which the sparsity term costs (`sparsity_loss`)."""
     recipe = recipe or Recipe()
     if gate_lr <= 0 or lam < 0:
         raise ValueError(f"gate_lr must be > 0 and lam >= 0, got gate_lr={gate_lr}, lam={lam}")
+    if not 0 <= budget <= 1:
+        raise ValueError(f"budget is the gates' L1-density in [0, 1] above which the L1 term costs (the official "
+                         f"code: 0.2), got {budget}")
     if gate_rule not in GATE_RULES:
         raise ValueError(f"gate_rule must be one of {GATE_RULES}, got {gate_rule!r}")
     if recipe.optimizer != "sgd":
@@ -172,7 +177,7 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
             gated_step = step % 2 == 1
             micro = step_in_micro_batches(both if gated_step else opt, x, labels, micro,
                                           partial(_chunk_loss, gated, gated_step, len(x)),
-                                          partial(sparsity_loss, gated.gates, lam) if gated_step else None)
+                                          partial(sparsity_loss, gated.gates, lam, budget) if gated_step else None)
             sched.step()
             if gated_step:
                 after_step(gated.gates)
@@ -189,17 +194,18 @@ def _chunk_loss(gated: GatedModel, gated_step: bool, batch: int, x, labels) -> t
 
 def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = None, lam: float = 0.01,
                 seed: int = 0, device=None, progress: bool = False, gate_lr: float = 0.01,
-                gate_rule: str = "clip") -> GatedModel:
-    """`train_csg`, cached under the starting weights, the split, the recipe, lam, the gates' rule and lr, the seed."""
+                gate_rule: str = "clip", budget: float = 0.2) -> GatedModel:
+    """`train_csg`, cached under the starting weights, the split, the recipe, lam, the budget, the gates' rule and
+    lr, the seed."""
     recipe = recipe or Recipe()
-    key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam,
+    key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam, "budget": budget,
            "gate_lr": gate_lr, "gate_rule": gate_rule, "gate_optimizer": "adam", "seed": seed, "memory_format": "channels_last",
            "precision": "bf16 on GPUs", **training_key(model, SOURCE_DIGEST)}
     gated = GatedModel(copy.deepcopy(model))
     if (state := cache.load("csg", key)) is not None:
         gated.load_state_dict(state)
         return gated.eval()
-    gated = train_csg(model, split, recipe, lam, seed, device, progress, gate_lr, gate_rule)
+    gated = train_csg(model, split, recipe, lam, seed, device, progress, gate_lr, gate_rule, budget)
     cache.save("csg", key, {k: v.detach().cpu().clone() for k, v in gated.state_dict().items()})
     return gated
 

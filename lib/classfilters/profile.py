@@ -64,7 +64,8 @@ class Profile:
     vis_images: int = 6            # images in Table 7
     csg_epochs: int = 6            # CSG training epochs, from the profile's model
     csg_lr: float = 0.02           # CSG peak learning rate
-    csg_lambda: float = 0.01       # CSG sparsity weight lam of lam * relu(||G||_1 - 0.2 |G|) (the official code: 1e-3)
+    csg_lambda: float = 0.01       # CSG sparsity weight lam of lam * relu(||G||_1 - budget |G|) (the official code: 1e-3)
+    csg_budget: float = 0.2        # the L1-density the sparsity term allows for free (the official code: 0.2)
     csg_gate_lr: float = 0.08      # the gates' own Adam learning rate (constant; csg.py: gated steps * lr >~ 5 to close)
     csg_from: str = "model"        # CSG starts from the profile's trained `model` (cheap) or from `scratch` (the CSG paper)
     # --- ExplainFix (notebooks 8 and 9; skipped where the model has no spatial maps or the split is streamed)
@@ -114,6 +115,9 @@ class Profile:
         if not 0 <= self.explain_accuracy_floor <= 1:
             raise ValueError(f"explain_accuracy_floor is a fraction of the full head's accuracy in [0, 1] "
                              f"(0.9 = 90 %), got {self.explain_accuracy_floor}")
+        if not 0 <= self.csg_budget <= 1:
+            raise ValueError(f"csg_budget is an L1-density of the gates in [0, 1] (the official code: 0.2), "
+                             f"got {self.csg_budget}")
         if self.csg_from not in ("model", "scratch"):
             raise ValueError(f"csg_from must be 'model' (CSG from the trained model) or 'scratch' (a fresh one), "
                              f"got {self.csg_from!r}")

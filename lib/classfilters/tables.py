@@ -258,15 +258,17 @@ def ablation_tables(subject: Subject, influence: InfluentialFeatures, seed: int 
 
 
 def csg_tables(study: Study, subject: Subject, gated, csg_subject: Subject, influence: InfluentialFeatures,
-               csg_from: str = "model"):
-    """Table 1 (accuracy of both CSG paths, with the gates' L1-density and non-zero fraction, and how CSG
-    started: from the trained `model` or from `scratch`) and the overlap / MI comparison of index sets."""
+               csg_from: str = "model", budget: float = 0.2):
+    """Table 1 (accuracy of both CSG paths, with the gates' L1-density, the budget it was trained under and the
+    non-zero fraction, and how CSG started: from the trained `model` or from `scratch`) and the overlap / MI
+    comparison of index sets."""
     from . import csg
 
     paths = csg.path_accuracies(gated, csg_subject.test_features, subject.test.labels)
     started = {"model": f"from {subject.name}", "scratch": "from scratch"}[csg_from]
-    density = {"l1_density": csg.l1_density(gated.gates), "nonzero_fraction": csg.nonzero_fraction(gated.gates)}
-    nan = {"l1_density": float("nan"), "nonzero_fraction": float("nan")}
+    density = {"l1_density": csg.l1_density(gated.gates), "l1_budget": budget,
+               "nonzero_fraction": csg.nonzero_fraction(gated.gates)}
+    nan = {"l1_density": float("nan"), "l1_budget": float("nan"), "nonzero_fraction": float("nan")}
     table1 = pd.DataFrame([
         {"model": f"{subject.name} (standard training)", "path": "standard", "csg_start": "n/a (no CSG)",
          "accuracy": subject.full_accuracy, **nan},
