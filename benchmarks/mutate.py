@@ -43,7 +43,7 @@ MODULES = {
     "cli": ["test_cli.py", "test_security.py", "test_planted_bugs.py"],
     "runner": ["test_structure.py", "test_planted_bugs.py"],            # --resume
     "provenance": ["test_structure.py", "test_planted_bugs.py"],        # what --resume trusts
-    "tables": ["test_planted_bugs.py"],  # the study tables (also run by test_notebooks.py, too slow per mutant)
+    "tables": ["test_tables.py", "test_planted_bugs.py"],  # the study tables (test_notebooks.py runs them too, too slow per mutant)
 }
 ALSO_COPY = ("figures", "profiles", "notebooks", "data", "benchmarks", "README.md", "RESULTS.md", "Makefile")
 COUNTED = {"killed", "survived", "timeout", "no tests", "suspicious", "segfault"}
