@@ -221,6 +221,20 @@ def test_grid_table_matches_a_hand_decomposition_of_every_cell_and_drops_values_
     assert table.multiply_adds.tolist() == [kp * C for kp in table.k_prime]
 
 
+def test_relative_accuracy_is_nan_when_the_full_head_scores_nothing():
+    from classfilters.decomposed import relative_accuracy
+    assert relative_accuracy(0.3, 0.6) == pytest.approx(0.5) and math.isnan(relative_accuracy(0.3, 0.0))
+    assert relative_accuracy(pd.Series([0.2, 0.4]), 0.8).tolist() == pytest.approx([0.25, 0.5])
+    assert relative_accuracy(pd.Series([0.2, 0.0]), 0.0).isna().all()
+    subject = make_subject()
+    with torch.no_grad():
+        subject.model.head.bias.copy_(torch.tensor([1e6, 0.0, 0.0]))         # always class 0 ...
+    subject = dataclasses.replace(subject, test=split_of(torch.ones(len(subject.test), dtype=torch.long), "ones"))
+    assert subject.full_accuracy == 0                                       # ... on a test split of class 1 only
+    table = tables.grid_table(subject, [1, 2], [1, 2])
+    assert table.relative.isna().all() and table.acc_full.eq(0).all()
+
+
 # ------------------------------------------------------------------------------------------ Tables 2-6, Fig 4
 
 

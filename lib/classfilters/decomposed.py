@@ -79,9 +79,14 @@ def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Te
     full = accuracy(head(features), labels)
     decomposed = accuracy(DecomposedHead(head, influence)(features), labels)
     return {"acc_full": full, "acc_decomposed": decomposed,
-            "relative": decomposed / full if full else float("nan"),
+            "relative": relative_accuracy(decomposed, full),
             "multiply_adds_full": head.in_features * head.out_features,
             "multiply_adds_decomposed": influence.multiply_adds}
+
+
+def relative_accuracy(acc, full: float):
+    """acc / full (a number or a pandas column); NaN where the full head scores nothing (full = 0)."""
+    return acc / full if full else acc * float("nan")
 
 
 def check_inputs(head: nn.Linear, features: torch.Tensor, labels, what: str) -> torch.Tensor:

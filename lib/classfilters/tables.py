@@ -15,7 +15,7 @@ from dataclasses import asdict
 import pandas as pd
 import torch
 
-from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy, head_on
+from .decomposed import DecomposedHead, accuracy, evaluate, grid_accuracy, head_on, relative_accuracy
 from .features import extract_features
 from .influence import InfluentialFeatures
 from .models import model_family
@@ -75,7 +75,7 @@ def grid_table(subject: Subject, ks, k_primes) -> pd.DataFrame:
                         subject.head, ks, k_primes)
     full = subject.full_accuracy
     rows = [{"k": k, "k_prime": kp, "acc_decomposed": float(acc[a, b]), "acc_full": full,
-             "relative": float(acc[a, b]) / full, "multiply_adds": kp * subject.model.num_classes}
+             "relative": relative_accuracy(float(acc[a, b]), full), "multiply_adds": kp * subject.model.num_classes}
             for a, k in enumerate(ks) for b, kp in enumerate(k_primes)]
     return pd.DataFrame(rows)
 
@@ -152,7 +152,7 @@ def retrain(subject: Subject, influence: InfluentialFeatures, epochs: int, lr: f
                             eval_features=subject.test_features, eval_labels=subject.test.labels)
     history = pd.DataFrame(history).assign(acc_full=subject.full_accuracy)
     history.attrs["lr"] = lr
-    history["relative"] = history["test_acc"] / history["acc_full"]
+    history["relative"] = relative_accuracy(history["test_acc"], subject.full_accuracy)
     c, d = subject.model.num_classes, subject.model.num_features
     cost = pd.DataFrame([{"layer": "full", "multiply_adds": c * d, "fraction": 1.0},
                          {"layer": "decomposed", "multiply_adds": head.multiply_adds, "fraction": head.multiply_adds / (c * d)}])
@@ -201,7 +201,7 @@ def retrain_network(study: Study, subject: Subject, influence: InfluentialFeatur
         with torch.no_grad():
             rows.append({**row, "test_acc": accuracy(head_on(model.head, "cpu")(phi), subject.test.labels)})
     table = pd.DataFrame(rows)
-    table["relative"] = table.test_acc / subject.full_accuracy
+    table["relative"] = relative_accuracy(table.test_acc, subject.full_accuracy)
     return table
 
 
@@ -289,5 +289,5 @@ def csg_tables(study: Study, subject: Subject, gated, csg_subject: Subject, infl
                      "mutual_information_paper": mean_over_all_class_pairs(mi),  # all C^2 pairs (the paper's)
                      "mutual_information_distinct_pairs": mean_pairwise(mi),      # ours: different classes only
                      "jaccard_distinct_pairs": mean_pairwise(jaccard_matrix(mask)), "acc_decomposed": acc,
-                     "relative": acc / r.full_accuracy})
+                     "relative": relative_accuracy(acc, r.full_accuracy)})
     return table1, pd.DataFrame(rows)
