@@ -17,7 +17,7 @@ import papermill
 import pytest
 import torch
 
-from classfilters import evaluate, extract_features, influential_features, open_dataset, runner
+from classfilters import evaluate, extract_features, influential_features, open_dataset, provenance, runner
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -77,7 +77,8 @@ def test_every_output_and_provenance(tiny):
     prov = json.loads((tiny / "provenance.json").read_text())
     assert [n for n, e in prov["notebooks"].items() if e["status"] == "ok"] == [p.stem for p in NOTEBOOKS]
     assert all(e["seconds"] > 0 for e in prov["notebooks"].values())
-    assert prov["libraries"]["torch"] == torch.__version__ and prov["device"]
+    assert prov["libraries"]["torch"] == torch.__version__ and prov["device"] == provenance.device_name()
+    assert all(e["device"] == prov["device"] for e in prov["notebooks"].values())  # each notebook's own machine
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout
     assert prov["git_commit"] == (head.strip() or "unknown")  # this checkout's commit, never a made-up string
     assert prov["profile_values"]["model"] == "resnet8" and len(prov["source_hash"]) == 64

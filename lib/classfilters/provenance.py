@@ -90,11 +90,13 @@ def carried(previous: dict) -> tuple[dict, dict]:
 
 
 def entry_state(code: dict, notebook: Path, out_dir: Path, started: float) -> dict:
-    """What identifies one notebook's results: the code, the notebook and the outputs it wrote since `started`."""
+    """What identifies one notebook's results: the code, the notebook and the outputs it wrote since `started`;
+    with the machine it ran on (a record's top-level `device` is its latest run's, not every notebook's)."""
     outputs = {p.name: file_hash(p) for p in sorted(out_dir.iterdir())
                if p.is_file() and p.name != "provenance.json" and p.stat().st_mtime >= started}
     return {"commit": code["git_commit"], "source_hash": code["source_hash"], "notebook_hash": file_hash(notebook),
-            "outputs": outputs, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "outputs": outputs, "device": device_name(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def why_stale(entry: dict, code: dict, notebook: Path, executed: Path, out_dir: Path, settings: str | None = None) -> str:
