@@ -287,7 +287,7 @@ def test_explanation_tables(tiny):
     pointing = table(tiny, "grid_pointing")
     assert set(pointing.start) == {"full", "influential", "non_influential"} and set(pointing.canonized) == {True, False}
     assert set(pointing.method) == {"lrp_epsilon_plus", "gradient_x_input"} and len(pointing) == 2 * 3 * 2
-    assert (pointing.n == 2 * 4).all()                                                   # every tile of 2 mosaics
+    assert (pointing.rows == 2 * 4).all()                                                # every tile of 2 mosaics
     assert ((0 <= pointing.grid_pointing_lo) & (pointing.grid_pointing_lo <= pointing.grid_pointing)
             & (pointing.grid_pointing <= pointing.grid_pointing_hi) & (pointing.grid_pointing_hi <= 1)).all()
     tiles = table(tiny, "grid_pointing_tiles")
@@ -295,8 +295,12 @@ def test_explanation_tables(tiny):
     full = tiles[(tiles.start == "full") & (tiles.method == "lrp_epsilon_plus") & tiles.canonized]
     assert pointing.set_index(["method", "start", "canonized"]).loc[("lrp_epsilon_plus", "full", True), "grid_pointing"] \
         == pytest.approx(full.grid_pointing.mean())
+    scored = tiles.groupby(["method", "start", "canonized"]).grid_pointing.count()     # n: the tiles scored
+    assert (pointing.set_index(["method", "start", "canonized"]).n == scored.reindex(
+        pointing.set_index(["method", "start", "canonized"]).index)).all()
     metrics = table(tiny, "explanation_metrics")
-    assert len(metrics) == 2 * 2 and set(metrics.canonized) == {True, False} and (metrics.n == 4).all()
+    assert len(metrics) == 2 * 2 and set(metrics.canonized) == {True, False} and (metrics.rows == 4).all()
+    assert (metrics.n <= metrics.rows).all()
     for name in ("pixel_flipping_aopc", "faithfulness_correlation", "relevance_mass", "grid_pointing", "sparseness",
                  "random_logit", "avg_sensitivity"):
         ok = metrics[name].notna()
