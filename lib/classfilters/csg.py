@@ -3,9 +3,9 @@
 A gate matrix G in [0, 1]^{D x C} (initialised to 0.5) multiplies the penultimate features
 phi(x) by the column of the true label, in training only. Training alternates step by step
 between the standard path (cross-entropy of head(phi)) and the gated path (cross-entropy of
-head(phi * G[:, y]) + lam * relu(||G||_1 - budget |G|), budget 0.2 as the official code). The body and head follow the recipe (SGD,
-one-cycle); the gates have their own Adam optimiser (`gate_lr`, constant), stepped on gated steps,
-and after each gated step are clipped to [0, 1] (`gate_rule="clip"`, the default) or, as the
+head(phi * G[:, y]) + lam * relu(||G||_1 - budget |G|), budget 0.2 as the official code). The
+body and head follow the recipe (SGD, one-cycle); the gates have their own Adam optimiser (`gate_lr`,
+constant), stepped on gated steps, and after each gated step are clipped to [0, 1] (`gate_rule="clip"`, the default) or, as the
 official code, divided by their row's maximum and clipped (`"row_max"`).
 
 The official code (hyliang96/CSGCNN, VOCPart/train: `LearnableMaskLayer.loss_function`, `clip_lmask`,
@@ -198,8 +198,8 @@ def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = 
     """`train_csg`, cached under the starting weights, the split, the recipe, lam, the budget, the gates' rule and
     lr, the seed."""
     recipe = recipe or Recipe()
-    key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam, "budget": budget,
-           "gate_lr": gate_lr, "gate_rule": gate_rule, "gate_optimizer": "adam", "seed": seed, "memory_format": "channels_last",
+    key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam,
+           "budget": budget, "gate_lr": gate_lr, "gate_rule": gate_rule, "gate_optimizer": "adam", "seed": seed, "memory_format": "channels_last",
            "precision": "bf16 on GPUs", **training_key(model, SOURCE_DIGEST)}
     gated = GatedModel(copy.deepcopy(model))
     if (state := cache.load("csg", key)) is not None:
