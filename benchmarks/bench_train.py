@@ -3,7 +3,12 @@ GPU-resident eager loop (SGD + Nesterov, one-cycle, bf16, channels_last, crops a
 image), both on the uint8 JPEG CIFAR-10 train split held on the device, both run here.
 
 Printed per path: seconds of training (compilation included; data decoding and the test pass
-excluded), epochs and the test accuracy. The H100 goal for ResNet-20 is >= 88.0 % in <= 30 s.
+excluded), epochs, the precision the recipe resolved to, and the test accuracy. The H100 goal for ResNet-20
+is >= 88.0 % in <= 30 s. On the CPU the baseline loop runs in float32 (as a user's would) and
+`--recipe precision=fp32` adds the library's loop in float32, showing what bf16 autocast gives on a CPU
+with native bf16 (`Recipe.precision="auto"`):
+
+    python benchmarks/bench_train.py --device cpu --no-compile --epochs 1 --baseline-epochs 1 --recipe precision=fp32
 
     python benchmarks/bench_train.py [--epochs 30] [--baseline-epochs 30] [--batch-size 512] [--lr 0.2]
         [--no-compile] [--model resnet20] [--data cifar10:../shared/data/cifar10-jpeg.tar.gz]
@@ -27,6 +32,7 @@ from bench_decode import SHARED
 from common import record
 
 from classfilters import Recipe, build_model, open_dataset, train_classifier
+from classfilters.device import training_precision
 
 
 def plain_loop(model, split, epochs, batch_size, lr, flip, device):
@@ -113,6 +119,7 @@ def main():
         sync()
         seconds = time.perf_counter() - start
         settings = asdict(r) if r else {"epochs": args.baseline_epochs, "batch_size": args.batch_size, "lr": args.lr}
+        settings["precision_used"] = training_precision(r.precision, device) if r else "bf16" if device.type == "cuda" else "fp32"
         rows.append({"path": path, "model": args.model, **settings, "train_s": seconds,
                      "test_acc": test_accuracy(model, test, device)})
         if r:

@@ -200,14 +200,15 @@ def test_training_out_of_memory_goes_on_in_micro_batches(monkeypatch, capsys):
 
 
 def test_compiled_training_equals_eager():
-    """`Recipe(compile=True)` (torch.compile; CUDA graphs on a GPU) trains the same model."""
+    """`Recipe(compile=True)` (torch.compile; CUDA graphs on a GPU) trains the same model (in float32: under
+    bf16 autocast the compiled graph's fusions round differently, ~1e-3 here)."""
     from classfilters import Recipe, build_model, train_classifier
     train = open_dataset("digits", "train").subset(torch.arange(0, 256))
     states = []
     for compiled in (False, True):
         torch.manual_seed(0)
         model = build_model("resnet8", num_classes=10, in_channels=1)
-        recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False, compile=compiled)
+        recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False, compile=compiled, precision="fp32")
         train_classifier(model, train, recipe, device="cpu", progress=False)
         states.append(model.state_dict())
     torch.manual_seed(0)
@@ -260,3 +261,40 @@ def test_training_loss_is_float32_on_bf16_logits(monkeypatch):
     x, y = torch.randn(5, 4, dtype=torch.bfloat16), torch.tensor([0, 1, 2, 0, 1])
     loss = train._chunk_loss(net, net, 5, x, y, weight=1 / 5, smoothing=0.0, bf16=False)
     assert dtypes == [torch.float32] and loss.dtype == torch.float32
+
+
+def test_training_precision_is_checked_resolved_and_used(tmp_path, monkeypatch):
+    """"auto" is bf16 on a CPU with native bf16 and float32 on one without; an explicit precision is used as
+    given; the convolutions of a training step run in that precision; the cache keeps the two apart."""
+    from classfilters import Recipe, device, train, trained_model
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Recipe(precision="fp16")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(device, "native_cpu_bf16", lambda native=native: native)
+        assert device.training_precision("auto", "cpu") == expected
+        assert device.training_precision("fp32", "cpu") == "fp32" and device.training_precision("bf16", "cpu") == "bf16"
+    assert device.training_precision("auto", "meta") == "fp32"  # neither a GPU nor a CPU
+
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path))
+    split = open_dataset("digits", "train").subset(torch.arange(0, 1437, 5))
+    models, conv_dtypes = {}, {}
+    original = train.train_classifier
+    for precision in ("fp32", "bf16"):
+        seen = conv_dtypes.setdefault(precision, set())
+
+        def recording(model, *args, seen=seen, **kwargs):
+            conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            handle = conv.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+            try:
+                return original(model, *args, **kwargs)
+            finally:
+                handle.remove()
+
+        monkeypatch.setattr(train, "train_classifier", recording)
+        recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False, precision=precision)
+        models[precision] = trained_model("resnet8", split, recipe, seed=3, progress=False)
+        again = trained_model("resnet8", split, recipe, seed=3, progress=False)  # a cache hit: not trained again
+        assert all(torch.equal(a, b) for a, b in zip(models[precision].state_dict().values(), again.state_dict().values()))
+    assert conv_dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert len(list((tmp_path / "models").glob("*.safetensors"))) == 2
+    assert not all(torch.equal(a, b) for a, b in zip(models["fp32"].state_dict().values(), models["bf16"].state_dict().values()))

@@ -42,7 +42,7 @@ from torch import nn
 from . import cache
 from .data import ImageSplit
 from .decomposed import accuracy, head_on
-from .device import default_device
+from .device import default_device, training_precision
 from .models import FeatureModel, build_model, fingerprint
 from .progress import tqdm
 from .train import Recipe, augment, one_cycle, step_in_micro_batches, training_key
@@ -170,13 +170,14 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
     width = split.images.shape[-1] if split.images is not None else 224
     padding = recipe.crop_padding if recipe.crop_padding is not None else width // 8
     step, micro = 0, recipe.batch_size
+    bf16 = training_precision(recipe.precision, device) == "bf16"
     for _ in tqdm(range(recipe.epochs), desc=f"CSG {model.name}", disable=not progress, unit="epoch"):
         for images, labels in shuffled_batches(split, recipe.batch_size, gen, device):
             x = split.normalize(augment(images, padding, recipe.flip, augment_gen))
             x = x.contiguous(memory_format=torch.channels_last)
             gated_step = step % 2 == 1
             micro = step_in_micro_batches(both if gated_step else opt, x, labels, micro,
-                                          partial(_chunk_loss, gated, gated_step, len(x)),
+                                          partial(_chunk_loss, gated, gated_step, len(x), bf16),
                                           partial(sparsity_loss, gated.gates, lam, budget) if gated_step else None)
             sched.step()
             if gated_step:
@@ -185,9 +186,9 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
     return gated.cpu().eval()
 
 
-def _chunk_loss(gated: GatedModel, gated_step: bool, batch: int, x, labels) -> torch.Tensor:
+def _chunk_loss(gated: GatedModel, gated_step: bool, batch: int, bf16: bool, x, labels) -> torch.Tensor:
     """The chunk's share of the batch's mean cross-entropy, through the gated or the standard path."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = gated(x, labels if gated_step else None)
     return F.cross_entropy(logits.float(), labels, reduction="sum") / batch
 
@@ -200,7 +201,8 @@ def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = 
     recipe = recipe or Recipe()
     key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam,
            "budget": budget, "gate_lr": gate_lr, "gate_rule": gate_rule, "gate_optimizer": "adam", "seed": seed, "memory_format": "channels_last",
-           "precision": "bf16 on GPUs", **training_key(model, SOURCE_DIGEST)}
+           "precision": training_precision(recipe.precision, device),
+           **training_key(model, SOURCE_DIGEST)}
     gated = GatedModel(copy.deepcopy(model))
     if (state := cache.load("csg", key)) is not None:
         gated.load_state_dict(state)

@@ -170,8 +170,10 @@ def device_name() -> str:
     import torch
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
+    from .device import native_cpu_bf16
     cpu = cpu_info()
-    return f"cpu: {cpu['name']} (family {cpu['family']}, model {cpu['model']}; {os.cpu_count()} cores)"
+    bf16 = "native bf16" if native_cpu_bf16() else "no native bf16"  # what precision "auto" trains in
+    return f"cpu: {cpu['name']} (family {cpu['family']}, model {cpu['model']}; {os.cpu_count()} cores; {bf16})"
 
 
 def versions() -> dict:

@@ -2,8 +2,10 @@
 
 `train_classifier` runs SGD + Nesterov with a one-cycle schedule (or, `Recipe(optimizer="adam")`, Adam
 at a constant rate: the authors' fine-tuning) over whole uint8 batches held on the device, with
-random-crop (and optionally flip) augmentation done on the batch (no DataLoader). `trained_model`
-caches the result under a key of the model name, the split's fingerprint, the recipe, the seed and
+random-crop (and optionally flip) augmentation done on the batch (no DataLoader), the forward pass
+under bf16 autocast where the recipe's precision says so ("auto": GPUs and CPUs with native bf16;
+device.py). `trained_model` caches the result under a key of the model name, the split's fingerprint,
+the recipe, the precision it resolved to, the seed and
 `training_key` (the model's forward code, this file's source, torch and torchvision), so profiles never
 train the same model twice and an edit of the training or model code never returns weights the old
 code made. With `Recipe(compile=True)` every step sees a batch of exactly `batch_size` images (the
@@ -29,7 +31,7 @@ from torch import nn
 from . import cache
 from .data import ImageSplit
 from .decomposed import DecomposedHead, accuracy
-from .device import default_device, world
+from .device import default_device, training_precision, world
 from .features import library_versions
 from .models import FeatureModel, build_model
 from .progress import tqdm
@@ -109,7 +111,7 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
     else:
         opt = torch.optim.SGD(trainable, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
         sched = one_cycle(opt, recipe.lr, recipe.epochs * steps_per_epoch)
-    bf16 = device.type == "cuda"
+    bf16 = training_precision(recipe.precision, device) == "bf16"
     padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8
     micro = recipe.batch_size
     bar = tqdm(range(recipe.epochs), desc=f"train {getattr(model, 'name', type(model).__name__)}",
@@ -250,7 +252,8 @@ def trained_model(name: str, split: ImageSplit, recipe: Recipe | None = None, se
     in_channels = split.images.shape[1]
     torch.manual_seed(seed)  # the initial weights are part of the recipe: same seed, same model
     model = build_model(name, num_classes=split.num_classes, in_channels=in_channels)
-    key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe), "seed": seed,
+    key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe),
+           "precision": training_precision(recipe.precision, device), "seed": seed,
            "init": "seeded", "loss": "sum-scaled", "memory_format": "channels_last",
            "in_channels": in_channels, "classes": split.num_classes, **training_key(model)}
     if (state := cache.load("models", key)) is not None:
