@@ -3,7 +3,7 @@
 Implements "Decomposing the Deep: Finding Class Specific Filters in Deep CNNs". The layers, from
 the bottom: the algorithm (influence.py: Algorithm 1; decomposed.py: the decomposed final layer and
 the (k, k') grid; ablation.py; overlap.py; with sizes.py and checks.py for their arguments), the
-pipeline (data.py, decode.py, models.py, features.py, device.py, cache.py), training and extensions
+pipeline (data.py, decode.py, models.py, features.py, device.py, cpu_memory.py, cache.py), training and extensions
 (recipe.py, train.py, csg.py, visualize.py; explanations of a class's influential features:
 canonization.py, explanations.py, explanation_metrics.py, mosaic.py for the grid pointing game,
 search.py; ExplainFix: fixed_filters.py, explainsteer.py (spectra), saliency.py, prune.py, class_subset.py,
@@ -52,6 +52,7 @@ _EXPORTS = {
     "DatasetError": "data", "ImageSplit": "data", "check_same_classes": "data", "open_dataset": "data",
     "DecomposedHead": "decomposed", "accuracy": "decomposed", "evaluate": "decomposed", "grid_accuracy": "decomposed",
     "default_device": "device", "init_distributed": "device",
+    "keep_freed_memory": "cpu_memory",
     "extract_features": "features", "extract_features_many": "features",
     "InfluentialFeatures": "influence", "influential_features": "influence",
     "CifarResNet": "models", "FeatureModel": "models", "as_feature_model": "models", "build_model": "models",

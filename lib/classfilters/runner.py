@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import provenance
+from .cpu_memory import child_environment
 from .profile import SETTINGS, load_profile, parse_set, repo_root, save_profile
 
 RESERVED = ("profile", "out_dir")  # parameters every notebook takes besides its knobs
@@ -49,10 +50,11 @@ def pick(all_notebooks: list[Path], only: str) -> Path:
 @contextmanager
 def kernel_environment():
     """What the kernels inherit while the runner executes them: figures embedded as PNG (never the Agg
-    backend's `<Figure size ...>` text), progress bars as text that papermill forwards to this console.
-    This process's environment is restored after."""
+    backend's `<Figure size ...>` text), progress bars as text that papermill forwards to this console,
+    freed memory kept in the process (cpu_memory.py: CPU training 2x faster). This process's environment is
+    restored after."""
     values = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "CLASSFILTERS_PROGRESS": "text",
-              "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5")}
+              "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5"), **child_environment(os.environ)}
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
