@@ -4,11 +4,13 @@ image), both on the uint8 JPEG CIFAR-10 train split held on the device, both run
 
 Printed per path: seconds of training (compilation included; data decoding and the test pass
 excluded), epochs, the precision the recipe resolved to, and the test accuracy. The H100 goal for ResNet-20
-is >= 88.0 % in <= 30 s. On the CPU the baseline loop runs in float32 (as a user's would) and
+is >= 88.0 % in <= 30 s. On the CPU the baseline loop runs in float32 (as a user's would), once as
+it is and once with subnormal numbers flushed to zero (what `train_classifier` does on the CPU), and
 `--recipe precision=fp32` adds the library's loop in float32, showing what bf16 autocast gives on a CPU
-with native bf16 (`Recipe.precision="auto"`):
+with native bf16 (`Recipe.precision="auto"`); `--train-images N` trains on N random training images:
 
-    python benchmarks/bench_train.py --device cpu --no-compile --epochs 1 --baseline-epochs 1 --recipe precision=fp32
+    python benchmarks/bench_train.py --device cpu --no-compile --epochs 1 --baseline-epochs 1 \
+        --train-images 5120 --keep-freed-memory --recipe precision=fp32
 
     python benchmarks/bench_train.py [--epochs 30] [--baseline-epochs 30] [--batch-size 512] [--lr 0.2]
         [--no-compile] [--model resnet20] [--data cifar10:../shared/data/cifar10-jpeg.tar.gz]
@@ -32,7 +34,8 @@ from bench_decode import SHARED
 from common import record
 
 from classfilters import Recipe, build_model, open_dataset, train_classifier
-from classfilters.device import training_precision
+from classfilters.cpu_memory import keep_freed_memory
+from classfilters.device import denormals_flushed, training_precision
 
 
 def plain_loop(model, split, epochs, batch_size, lr, flip, device):
@@ -67,6 +70,11 @@ def plain_loop(model, split, epochs, batch_size, lr, flip, device):
     return model.eval()
 
 
+def flushed(fn, *args):
+    with denormals_flushed("cpu"):
+        return fn(*args)
+
+
 @torch.no_grad()
 def test_accuracy(model, split, device):
     model.to(device).eval()
@@ -90,10 +98,16 @@ def main():
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--recipe", action="append", default=[], help="k=v,k=v: another Recipe to run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--train-images", type=int, help="train on this many random training images (default: all)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="cf.keep_freed_memory() for the whole process, every path (as the runner and the CLI do)")
     args = p.parse_args()
     device = torch.device(args.device)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     train, test = open_dataset(args.data, "train"), open_dataset(args.data, "test")
+    if args.train_images:
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.train_images])
     channels = train.images.shape[1]
     rows = []
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
@@ -102,6 +116,9 @@ def main():
                                              (item.split("=") for item in spec.split(","))}) for spec in args.recipe]
     runs = [("straightforward eager loop (baseline)", None,
              lambda m: plain_loop(m, train, args.baseline_epochs, args.batch_size, args.lr, recipe.flip, device))]
+    if device.type == "cpu":
+        runs.append(("straightforward eager loop, subnormals flushed", None, lambda m: flushed(
+            plain_loop, m, train, args.baseline_epochs, args.batch_size, args.lr, recipe.flip, device)))
     runs += [(f"train_classifier{' compiled' if r.compile else ''}", r,
               lambda m, r=r: train_classifier(m, train, r, device, seed=0, progress=False)) for r in recipes]
     # warm-up outside every timing (CUDA context, cuDNN / cuBLAS handles and algorithm choice), so the
@@ -119,6 +136,7 @@ def main():
         sync()
         seconds = time.perf_counter() - start
         settings = asdict(r) if r else {"epochs": args.baseline_epochs, "batch_size": args.batch_size, "lr": args.lr}
+        settings.update(train_images=len(train), freed_memory_kept=kept)
         settings["precision_used"] = training_precision(r.precision, device) if r else "bf16" if device.type == "cuda" else "fp32"
         rows.append({"path": path, "model": args.model, **settings, "train_s": seconds,
                      "test_acc": test_accuracy(model, test, device)})
