@@ -300,18 +300,26 @@ def test_training_precision_is_checked_resolved_and_used(tmp_path, monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(models["fp32"].state_dict().values(), models["bf16"].state_dict().values()))
 
 
-def test_training_on_the_cpu_flushes_subnormals_and_restores_them_after():
-    """Subnormal numbers are computed as zero during CPU training (x86 CPUs slow down 5x on them) and kept
-    again afterwards, also when training fails."""
+def test_training_on_the_cpu_flushes_subnormals_in_every_thread_and_restores_them_after():
+    """Subnormal numbers are computed as zero during CPU training (x86 CPUs slow down 5x on them), in the
+    calling thread and in the threads of torch's pool made before training, and kept again afterwards in all of
+    them, also when training fails."""
     from classfilters import Recipe, build_model, train_classifier
-    tiny = torch.full((64,), 1e-39)  # subnormal in float32
-    seen = []
-    model = build_model("resnet8", num_classes=10, in_channels=1)
-    model.head.register_forward_hook(lambda m, i, out: seen.append((tiny * 1.5)[0].item()))
-    split = open_dataset("digits", "train").subset(torch.arange(128))
-    train_classifier(model, split, Recipe(epochs=1, batch_size=64, lr=0.05, flip=False), device="cpu", progress=False)
-    assert seen and set(seen) == {0.0}
-    assert (tiny * 1.5)[0].item() > 0
-    with pytest.raises(ValueError, match="in-memory split"):
-        train_classifier(model, ImageSplit(split.labels, split.classes, "x", "x"), device="cpu")
-    assert (tiny * 1.5)[0].item() > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tiny = torch.full((2_000_000,), 1e-39)  # subnormal in float32; long enough for both threads
+        assert int(((tiny * 1.5) != 0).sum()) == len(tiny)  # the pool exists now
+        kept = []
+        model = build_model("resnet8", num_classes=10, in_channels=1)
+        model.head.register_forward_hook(lambda m, i, out: kept.append(int(((tiny * 1.5) != 0).sum())))
+        split = open_dataset("digits", "train").subset(torch.arange(128))
+        train_classifier(model, split, Recipe(epochs=1, batch_size=64, lr=0.05, flip=False), device="cpu",
+                         progress=False)
+        assert kept and set(kept) == {0}
+        assert int(((tiny * 1.5) != 0).sum()) == len(tiny)
+        with pytest.raises(ValueError, match="in-memory split"):
+            train_classifier(model, ImageSplit(split.labels, split.classes, "x", "x"), device="cpu")
+        assert int(((tiny * 1.5) != 0).sum()) == len(tiny)
+    finally:
+        torch.set_num_threads(threads)
