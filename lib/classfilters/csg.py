@@ -42,7 +42,7 @@ from torch import nn
 from . import cache
 from .data import ImageSplit
 from .decomposed import accuracy, head_on
-from .device import SUBNORMALS, default_device, denormals_flushed, training_precision
+from .device import default_device, denormals_flushed, training_precision
 from .models import FeatureModel, build_model, fingerprint
 from .progress import tqdm
 from .train import Recipe, augment, one_cycle, step_in_micro_batches, training_key
@@ -202,7 +202,7 @@ def trained_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = 
     recipe = recipe or Recipe()
     key = {"csg_from": fingerprint(model), "data": split.fingerprint, "recipe": asdict(recipe), "lam": lam,
            "budget": budget, "gate_lr": gate_lr, "gate_rule": gate_rule, "gate_optimizer": "adam", "seed": seed, "memory_format": "channels_last",
-           "precision": training_precision(recipe.precision, device), "subnormals": SUBNORMALS,
+           "precision": training_precision(recipe.precision, device),
            **training_key(model, SOURCE_DIGEST)}
     gated = GatedModel(copy.deepcopy(model))
     if (state := cache.load("csg", key)) is not None:

@@ -60,9 +60,6 @@ def training_precision(precision: str, device=None) -> str:
     return "bf16" if device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16()) else "fp32"
 
 
-SUBNORMALS = "zero on the CPU, every thread"  # what training does with subnormals: part of trained weights' keys
-
-
 @contextlib.contextmanager
 def denormals_flushed(device):
     """On the CPU, subnormal float32 numbers (below ~1.2e-38) computed as zero inside the block, in this thread and
@@ -71,7 +68,9 @@ def denormals_flushed(device):
     produces many: on a 2-core AMD Zen 4 a ResNet-20 step of 512 real images took 4.2 s with them and 0.75 s
     without (bf16). `torch.set_flush_denormal` alone sets only the calling thread, so the pool's threads (made
     at torch's first parallel operation) are given the same state through OpenMP itself (libgomp, which torch's
-    Linux wheels use; elsewhere only the calling thread is set). On other devices nothing changes."""
+    Linux wheels use; elsewhere only the calling thread is set). On other devices nothing changes. Like the number
+    of threads, this floating-point state is not part of a trained model's cache key: it changes results only at
+    the level of rounding below float32's normal range."""
     if torch.device(device).type != "cpu":
         yield
         return

@@ -44,7 +44,7 @@ from .fixed_filters import (
     trainable_parameters,
 )
 from .influence import influential_features
-from .device import SUBNORMALS, training_precision
+from .device import training_precision
 from .models import FeatureModel, build_model, fingerprint
 from .prune import channel_prune, check_pct, check_prunable, macs_and_params
 from .train import Recipe, train_classifier, training_key
@@ -63,7 +63,7 @@ def train_fixed(name: str, train: ImageSplit, init: str = "learned", recipe: Rec
     if init != "learned":
         fix_spatial_filters(model, init, source=source, seed=seed)
     key = {"model": name, "data": train.fingerprint, "recipe": asdict(recipe),
-           "precision": training_precision(recipe.precision, device), "subnormals": SUBNORMALS, "seed": seed, "init": init,
+           "precision": training_precision(recipe.precision, device), "seed": seed, "init": init,
            "source": fingerprint(source) if init == "GuidedSteer" else None, "in_channels": in_channels,
            "classes": train.num_classes, "kind": "explainfix-fixed", **training_key(model, fixed_filters.SOURCE_DIGEST, SOURCE_DIGEST)}
     if (blob := cache.load("models", key)) is not None:

@@ -31,7 +31,7 @@ from torch import nn
 from . import cache
 from .data import ImageSplit
 from .decomposed import DecomposedHead, accuracy
-from .device import SUBNORMALS, default_device, denormals_flushed, training_precision, world
+from .device import default_device, denormals_flushed, training_precision, world
 from .features import library_versions
 from .models import FeatureModel, build_model
 from .progress import tqdm
@@ -259,7 +259,7 @@ def trained_model(name: str, split: ImageSplit, recipe: Recipe | None = None, se
     torch.manual_seed(seed)  # the initial weights are part of the recipe: same seed, same model
     model = build_model(name, num_classes=split.num_classes, in_channels=in_channels)
     key = {"model": name, "data": split.fingerprint, "recipe": asdict(recipe),
-           "precision": training_precision(recipe.precision, device), "subnormals": SUBNORMALS, "seed": seed,
+           "precision": training_precision(recipe.precision, device), "seed": seed,
            "init": "seeded", "loss": "sum-scaled", "memory_format": "channels_last",
            "in_channels": in_channels, "classes": split.num_classes, **training_key(model)}
     if (state := cache.load("models", key)) is not None:
