@@ -26,7 +26,8 @@ bench: install
 	$(PYTHON) benchmarks/bench_decode.py
 	$(PYTHON) benchmarks/bench_scaleout.py --device cpu
 	$(PYTHON) benchmarks/bench_explain.py
-	$(PYTHON) benchmarks/bench_train.py --device cpu --no-compile --epochs 1 --baseline-epochs 1 --train-images 5120 --keep-freed-memory --recipe precision=fp32
+	$(PYTHON) benchmarks/bench_memory.py
+	$(PYTHON) benchmarks/bench_train.py --device cpu --no-compile --epochs 1 --baseline-epochs 1 --train-images 5120 --keep-freed-memory --repeat 3 --recipe precision=fp32
 
 # the GPU benchmarks (needs CUDA and ../shared/data): Algorithm 1, decoding, the depth study's
 # one-pass extraction, training ResNet-20 (results in benchmarks/results/*-cuda.json)

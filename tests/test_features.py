@@ -297,29 +297,10 @@ def test_training_precision_is_checked_resolved_and_used(tmp_path, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(models[precision].state_dict().values(), again.state_dict().values()))
     assert conv_dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
     assert len(list((tmp_path / "models").glob("*.safetensors"))) == 2
+    monkeypatch.setattr(train, "train_classifier", original)
+    auto = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False)  # "auto": its resolution is part of the key
+    for native in (False, True):
+        monkeypatch.setattr(device, "native_cpu_bf16", lambda native=native: native)
+        trained_model("resnet8", split, auto, seed=3, device="cpu", progress=False)
+    assert len(list((tmp_path / "models").glob("*.safetensors"))) == 4
     assert not all(torch.equal(a, b) for a, b in zip(models["fp32"].state_dict().values(), models["bf16"].state_dict().values()))
-
-
-def test_training_on_the_cpu_flushes_subnormals_in_every_thread_and_restores_them_after():
-    """Subnormal numbers are computed as zero during CPU training (x86 CPUs slow down 5x on them), in the
-    calling thread and in the threads of torch's pool made before training, and kept again afterwards in all of
-    them, also when training fails."""
-    from classfilters import Recipe, build_model, train_classifier
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        tiny = torch.full((2_000_000,), 1e-39)  # subnormal in float32; long enough for both threads
-        assert int(((tiny * 1.5) != 0).sum()) == len(tiny)  # the pool exists now
-        kept = []
-        model = build_model("resnet8", num_classes=10, in_channels=1)
-        model.head.register_forward_hook(lambda m, i, out: kept.append(int(((tiny * 1.5) != 0).sum())))
-        split = open_dataset("digits", "train").subset(torch.arange(128))
-        train_classifier(model, split, Recipe(epochs=1, batch_size=64, lr=0.05, flip=False), device="cpu",
-                         progress=False)
-        assert kept and set(kept) == {0}
-        assert int(((tiny * 1.5) != 0).sum()) == len(tiny)
-        with pytest.raises(ValueError, match="in-memory split"):
-            train_classifier(model, ImageSplit(split.labels, split.classes, "x", "x"), device="cpu")
-        assert int(((tiny * 1.5) != 0).sum()) == len(tiny)
-    finally:
-        torch.set_num_threads(threads)

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import provenance, runner
+from .cpu_memory import keep_freed_memory
 from .profile import SETTINGS, load_profile, parse_set, repo_root, save_profile
 
 
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--figures", type=Path, help="output folder (default figures/<profile>/)")
     p.add_argument("--runs", type=Path, help="printed output folder (default runs/<profile>/)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # CPU training in this process: no fresh pages faulted in every step (cpu_memory.py)
     return run(args.profile, args.only, parse_set(args.set), args.figures, args.runs)
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from . import __version__, cache
-from .cpu_memory import keep_freed_memory
 from .data import DatasetError, check_same_classes, open_dataset
 from .decomposed import evaluate
 from .device import init_distributed
@@ -156,7 +155,6 @@ def main(argv=None) -> int:
         for error in errors:
             print(f"python -m classfilters: error: {error}", file=sys.stderr)
         return 2
-    keep_freed_memory()  # CPU training and extraction: no fresh pages faulted in for every large tensor
     started = time.time()
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning

@@ -42,7 +42,7 @@ from torch import nn
 from . import cache
 from .data import ImageSplit
 from .decomposed import accuracy, head_on
-from .device import default_device, denormals_flushed, training_precision
+from .device import default_device, training_precision
 from .models import FeatureModel, build_model, fingerprint
 from .progress import tqdm
 from .train import Recipe, augment, one_cycle, step_in_micro_batches, training_key
@@ -171,19 +171,18 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
     padding = recipe.crop_padding if recipe.crop_padding is not None else width // 8
     step, micro = 0, recipe.batch_size
     bf16 = training_precision(recipe.precision, device) == "bf16"
-    with denormals_flushed(device):  # subnormals as zero on the CPU: 5x faster steps (device.py)
-        for _ in tqdm(range(recipe.epochs), desc=f"CSG {model.name}", disable=not progress, unit="epoch"):
-            for images, labels in shuffled_batches(split, recipe.batch_size, gen, device):
-                x = split.normalize(augment(images, padding, recipe.flip, augment_gen))
-                x = x.contiguous(memory_format=torch.channels_last)
-                gated_step = step % 2 == 1
-                micro = step_in_micro_batches(both if gated_step else opt, x, labels, micro,
-                                              partial(_chunk_loss, gated, gated_step, len(x), bf16),
-                                              partial(sparsity_loss, gated.gates, lam, budget) if gated_step else None)
-                sched.step()
-                if gated_step:
-                    after_step(gated.gates)
-                step += 1
+    for _ in tqdm(range(recipe.epochs), desc=f"CSG {model.name}", disable=not progress, unit="epoch"):
+        for images, labels in shuffled_batches(split, recipe.batch_size, gen, device):
+            x = split.normalize(augment(images, padding, recipe.flip, augment_gen))
+            x = x.contiguous(memory_format=torch.channels_last)
+            gated_step = step % 2 == 1
+            micro = step_in_micro_batches(both if gated_step else opt, x, labels, micro,
+                                          partial(_chunk_loss, gated, gated_step, len(x), bf16),
+                                          partial(sparsity_loss, gated.gates, lam, budget) if gated_step else None)
+            sched.step()
+            if gated_step:
+                after_step(gated.gates)
+            step += 1
     return gated.cpu().eval()
 
 

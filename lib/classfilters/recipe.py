@@ -25,7 +25,7 @@ class Recipe:
     compile: bool = False       # torch.compile the network (CUDA graphs on a GPU): a slower start, faster steps;
     #                             every batch then holds exactly batch_size images (the last one topped up)
     precision: str = "auto"     # "auto": bf16 autocast on GPUs and on CPUs that compute bf16 natively (AVX512-BF16
-    #                             or AMX: ~1.7-2.8x a float32 step of a CIFAR ResNet-20 on an AMD Zen 4), float32
+    #                             or AMX: 1.4x a float32 loop for a CIFAR ResNet-20 on an AMD Zen 4), float32
     #                             on other CPUs; "bf16" or "fp32" to choose (the loss is always float32)
 
     def __post_init__(self):

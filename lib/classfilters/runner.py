@@ -51,7 +51,7 @@ def pick(all_notebooks: list[Path], only: str) -> Path:
 def kernel_environment():
     """What the kernels inherit while the runner executes them: figures embedded as PNG (never the Agg
     backend's `<Figure size ...>` text), progress bars as text that papermill forwards to this console,
-    freed memory kept in the process (cpu_memory.py: CPU training 2x faster). This process's environment is
+    freed memory kept in the process (cpu_memory.py). This process's environment is
     restored after."""
     values = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "CLASSFILTERS_PROGRESS": "text",
               "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5"), **child_environment(os.environ)}

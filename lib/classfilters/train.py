@@ -4,7 +4,7 @@
 at a constant rate: the authors' fine-tuning) over whole uint8 batches held on the device, with
 random-crop (and optionally flip) augmentation done on the batch (no DataLoader), the forward pass
 under bf16 autocast where the recipe's precision says so ("auto": GPUs and CPUs with native bf16;
-device.py), subnormal numbers flushed to zero on the CPU. `trained_model` caches the result under a key of the model name, the split's fingerprint,
+device.py). `trained_model` caches the result under a key of the model name, the split's fingerprint,
 the recipe, the precision it resolved to, the seed and
 `training_key` (the model's forward code, this file's source, torch and torchvision), so profiles never
 train the same model twice and an edit of the training or model code never returns weights the old
@@ -31,7 +31,7 @@ from torch import nn
 from . import cache
 from .data import ImageSplit
 from .decomposed import DecomposedHead, accuracy
-from .device import default_device, denormals_flushed, training_precision, world
+from .device import default_device, training_precision, world
 from .features import library_versions
 from .models import FeatureModel, build_model
 from .progress import tqdm
@@ -71,18 +71,12 @@ def train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe | None 
     Under torchrun each rank takes its share of every batch of one shared order, the model is
     wrapped in DistributedDataParallel (BatchNorm synchronised on GPUs) and the loss is scaled
     so that the averaged gradient is the whole batch's. Out of GPU memory, a step is redone in
-    micro-batches of half the size (gradients accumulated), and training goes on, saying so. On the CPU,
-    subnormal numbers are computed as zero while training (`denormals_flushed`: 5x faster steps).
+    micro-batches of half the size (gradients accumulated), and training goes on, saying so.
     """
-    device = torch.device(device) if device is not None else default_device()
-    with denormals_flushed(device):
-        return _train_classifier(model, split, recipe or Recipe(), device, seed, progress)
-
-
-def _train_classifier(model: nn.Module, split: ImageSplit, recipe: Recipe, device: torch.device, seed: int,
-                      progress: bool) -> nn.Module:
+    recipe = recipe or Recipe()
     if split.images is None:
         raise ValueError("train_classifier needs an in-memory split (digits, CIFAR-10)")
+    device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rank, size = world()
