@@ -33,6 +33,7 @@ from .ablation import noise_ablation, summarize
 from .class_subset import class_subset_model, export_subset_model, latency_ms, predict
 from .data import ImageSplit
 from .decomposed import accuracy, evaluate
+from .device import training_precision
 from .explainsteer import low_frequency_share
 from .features import extract_features
 from .fixed_filters import (
@@ -44,7 +45,6 @@ from .fixed_filters import (
     trainable_parameters,
 )
 from .influence import influential_features
-from .device import training_precision
 from .models import FeatureModel, build_model, fingerprint
 from .prune import channel_prune, check_pct, check_prunable, macs_and_params
 from .train import Recipe, train_classifier, training_key
