@@ -275,6 +275,32 @@ def test_a_run_of_one_notebook_keeps_the_others_records_under_other_settings(tmp
     assert "02_other: current" in "\n".join(log)
 
 
+def test_kernel_sockets_stay_out_of_the_working_directory(tmp_path, monkeypatch):
+    """The kernels' IPC sockets live in a private temporary folder that is removed after the run: a
+    killed run must not leave kernel-ipc-N files in the user's working directory."""
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("profile = 'demo'\nout_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import json\nfrom pathlib import Path\nfrom ipykernel.connect import get_connection_info\n"
+        "Path(out_dir, 'connection.json').write_text(json.dumps(get_connection_info(unpack=True), default=str))")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / "01_connection.ipynb")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert runner.run_notebooks("demo", overrides={"name": "t"}, figures_dir=tmp_path / "figures",
+                                runs_dir=tmp_path / "runs", notebooks_dir=folder, progress=False, log=print) == 0
+    info = json.loads((tmp_path / "figures" / "connection.json").read_text())
+    if os.name == "posix":
+        sockets = Path(info["ip"])
+        assert info["transport"] == "ipc" and sockets.is_absolute() and cwd not in sockets.parents
+        assert not sockets.parent.exists()  # removed with the run
+    assert list(cwd.iterdir()) == []
+
+
 def test_provenance_is_written_atomically_and_names_the_commit_without_git(tmp_path, monkeypatch):
     path = tmp_path / "provenance.json"
     provenance.write(path, {"a": 1})
