@@ -204,6 +204,29 @@ def test_panel_widget_builds():
     assert image.value[:4] == b"\x89PNG"
 
 
+def test_panel_redraws_what_the_sliders_and_picker_say():
+    """Moving k, k' or the class redraws the picture and the numbers for the new values (issue 16: the panel
+    after a slider moves), each against Algorithm 1 and `evaluate` recomputed independently."""
+    pytest.importorskip("ipywidgets")
+    from classfilters import evaluate, influential_features
+    features, labels = planted(d=32, strength=2.0)
+    panel = panel_for(features, labels, k=5, k_prime=5)
+    box = panel.widget()
+    k, kp, picker = box.children[0].children
+    image, text = box.children[1], box.children[2]
+    seen = {image.value}
+    for control, value in ((k, 2), (kp, 9), (picker, 3)):
+        control.value = value
+        assert image.value not in seen  # a new picture
+        seen.add(image.value)
+    reference = influential_features(features, labels, 2, 9)
+    accuracy = evaluate(panel.subject.head, reference, features, labels)["acc_decomposed"]
+    assert f"<b>k</b> = 2, <b>k'</b> = 9" in text.value and "<b>class</b> c3" in text.value
+    assert f"<b>accuracy</b> {accuracy:.4f}" in text.value
+    assert f"= {reference.indices[3]}" in text.value
+    assert f"<b>multiply-adds</b> {sum(map(len, reference.indices))} of {32 * panel.c}" in text.value
+
+
 # ------------------------------------------------------------------------------------------ provenance and resume
 
 
