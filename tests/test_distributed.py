@@ -114,7 +114,8 @@ def test_ddp_training_keeps_ranks_identical_and_learns(tmp_path):
 
 
 def test_command_line_under_torchrun_equals_one_process(tmp_path, digits_model):
-    """`torchrun --nproc_per_node 2 -m classfilters ...` (gloo on the CPU) writes what one process writes."""
+    """`torchrun --nproc_per_node 2 -m classfilters ...` (gloo on the CPU) writes what one process writes, and
+    only rank 0 writes (issue 16)."""
     import json
     import subprocess
     import sys
@@ -130,6 +131,9 @@ def test_command_line_under_torchrun_equals_one_process(tmp_path, digits_model):
                               text=True, timeout=600, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs.append(json.loads(out.read_text()))
+        # rank 0 alone writes: nothing on stdout, one summary line, the train and test features cached once
+        assert proc.stdout == "" and proc.stderr.count("resnet8 on digits: full") == 1
+        assert len(list((tmp_path / f"cache{len(outputs) - 1}" / "features").glob("*"))) == 2
     assert outputs[0]["indices"] == outputs[1]["indices"] and outputs[0]["histograms"] == outputs[1]["histograms"]
     assert outputs[0]["test"] == pytest.approx(outputs[1]["test"])
 
@@ -175,3 +179,4 @@ def test_ddp_out_of_memory_on_one_rank_and_a_last_batch_smaller_than_the_ranks(t
     test = open_dataset("digits", "test")
     phi = extract_features(model, test, use_cache=False, progress=False, device="cpu")
     assert (model.head(phi).argmax(1) == test.labels).float().mean() > 0.2  # it learns (one process: 0.39)
+
