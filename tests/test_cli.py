@@ -19,6 +19,15 @@ def test_cli_on_digits(tmp_path):
     assert abs(test["relative"] - test["acc_decomposed"] / test["acc_full"]) < 1e-9
     assert test["multiply_adds_full"] == 640 and test["multiply_adds_decomposed"] == sum(map(len, result["indices"]))
     assert InfluentialFeatures.from_dict(result).num_features == 64
+    # k' = 0.8 by hand from the histograms: each class's smallest set of most-counted features holding 80 % of
+    # its k x n_c picks (ties among equal counts may order either way)
+    from classfilters import open_dataset
+    per_class = open_dataset("digits", "train").labels.bincount(minlength=10).tolist()
+    for c, (counts, chosen) in enumerate(zip(result["histograms"], result["indices"])):
+        assert sum(counts) == 5 * per_class[c]
+        ranked = sorted(counts, reverse=True)
+        m = next(m for m in range(1, 65) if sum(ranked[:m]) >= 0.8 * sum(counts))
+        assert len(chosen) == m and sorted((counts[j] for j in chosen), reverse=True) == ranked[:m]
 
 
 def test_cli_reports_bad_k():
