@@ -9,6 +9,7 @@ Table 1 and the CSG comparison: `csg_tables`. Each returns frames the notebooks 
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from dataclasses import asdict
 
@@ -36,8 +37,10 @@ def family(name: str) -> str:
 
 
 def slug(text: str) -> str:
-    """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared"."""
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared". A name with no ASCII letter or
+    digit gets a short hash of itself instead of an empty part (two such names never share a file)."""
+    part = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return part or "name_" + hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
 def index_table(influence: InfluentialFeatures, classes: list[str]) -> pd.DataFrame:
