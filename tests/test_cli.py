@@ -50,16 +50,21 @@ def test_cli_json_from_a_safetensors_checkpoint_with_and_without_the_cache(tmp_p
     from classfilters.cifar_resnet import CifarResNet
     torch.manual_seed(3)
     save_file(CifarResNet(8, num_classes=10, in_channels=1).state_dict(), tmp_path / "m.safetensors")
-    features_dir = Path(os.environ["CLASSFILTERS_CACHE"]) / "features"
-    cached = lambda: sorted(features_dir.glob("*")) if features_dir.exists() else []  # noqa: E731
+    root = Path(os.environ["CLASSFILTERS_CACHE"])
+
+    def cached():  # the features and their saved parts, with each file's modification time
+        return {p: p.stat().st_mtime_ns for kind in ("features", "features-part") for p in (root / kind).glob("*")}
+
     before = cached()
     args = ["--model", "resnet8", "--checkpoint", str(tmp_path / "m.safetensors"), "--dataset", "digits",
             "--k", "3", "--k-prime", "5", "--device", "cpu"]
     assert main([*args, "--no-cache", "--out", str(tmp_path / "a.json")]) == 0
-    assert cached() == before                                  # --no-cache: nothing written
+    assert cached() == before                                  # --no-cache: no features written
     assert main([*args, "--out", str(tmp_path / "b.json")]) == 0
-    assert len(cached()) == len(before) + 2                    # train and test features cached
-    assert main([*args, "--out", str(tmp_path / "c.json")]) == 0  # read back from the cache
+    after = cached()
+    assert len(after) == len(before) + 2                       # train and test features cached
+    assert main([*args, "--out", str(tmp_path / "c.json")]) == 0
+    assert cached() == after                                   # read back from the cache, nothing rewritten
     a, b, c = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
     for result in (b, c):
         assert {k: v for k, v in result.items() if k != "seconds"} == {k: v for k, v in a.items() if k != "seconds"}

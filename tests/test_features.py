@@ -61,13 +61,13 @@ def test_interrupted_extraction_resumes(digits_model, tmp_path):
     its saved parts and the next call reads only the rest."""
     test = open_dataset("digits", "test")
     direct = extract_features(digits_model, test, use_cache=False, progress=False)
-    log = tmp_path / "seen.txt"
+    log = tmp_path / "interrupted.txt"
     streamed = ImageSplit(test.labels, test.classes, "streamed-digits", "streamed-digits-fp",
                           dataset=Exploding(test, fail_at=200, log=log), mean=test.mean, std=test.std)
     with pytest.raises(RuntimeError, match="simulated interruption"):
         extract_features(digits_model, streamed, batch_size=50, checkpoint_every=100, progress=False)
     streamed.dataset.fail_at = None
-    log.unlink()
+    streamed.dataset.log = log = tmp_path / "resumed.txt"  # a new file: the first run's workers may still write theirs
     resumed = extract_features(digits_model, streamed, batch_size=50, checkpoint_every=100, progress=False)
     seen = sorted(map(int, log.read_text().split()))
     assert seen == list(range(200, len(test)))  # the first 200 images came from the saved parts, the rest once

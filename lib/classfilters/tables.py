@@ -37,10 +37,14 @@ def family(name: str) -> str:
 
 
 def slug(text: str) -> str:
-    """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared". A name with no ASCII letter or
-    digit gets a short hash of itself instead of an empty part (two such names never share a file)."""
+    """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared". A name with other than ASCII
+    characters also gets a short hash of itself ("ResNet 模型" -> "resnet_<hash>"), so that two names differing
+    only there never share a file."""
     part = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-    return part or "name_" + hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+    if text.isascii():
+        return part
+    digest = hashlib.blake2b(text.encode(errors="surrogatepass"), digest_size=4).hexdigest()
+    return f"{part or 'name'}_{digest}"
 
 
 def index_table(influence: InfluentialFeatures, classes: list[str]) -> pd.DataFrame:
