@@ -132,3 +132,32 @@ def test_csg_out_of_memory_goes_on_in_micro_batches(digits_model, monkeypatch, c
     assert "micro-batches of 16" in capsys.readouterr().err
     g = gated.gates.detach()
     assert g.min() >= 0 and g.max() <= 1 and not torch.equal(gated.model.head.weight, digits_model.head.weight)
+
+
+def test_csg_cache_returns_only_what_the_same_inputs_made(monkeypatch):
+    """`trained_csg` is a cache hit for the same inputs (the same gates back) and trains anew when anything that
+    changes the gates changes: lam, budget, the gates' rule or lr, the seed, the recipe, the starting weights, the
+    data, csg.py's code (issue 16: the CSG cache's staleness)."""
+    import dataclasses
+    model, split = planted_csg_case()
+    recipe = Recipe(epochs=1, batch_size=64, lr=1e-3, crop_padding=0, flip=False, weight_decay=0)
+    calls = []
+    real = csg.train_csg
+    monkeypatch.setattr(csg, "train_csg", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    base = {"lam": 0.01, "gate_lr": 0.05, "device": "cpu"}
+    first = csg.trained_csg(model, split, recipe, **base)
+    again = csg.trained_csg(model, split, recipe, **base)
+    assert len(calls) == 1 and torch.equal(again.gates, first.gates)
+    assert not torch.equal(first.gates, torch.ones_like(first.gates))  # trained: the hit returned trained gates
+    other_head = FeatureModel(nn.Identity(), nn.Linear(12, 4), name="planted")
+    other_split = split.subset(torch.arange(0, len(split.labels), 2))
+    changes = [({**base, "lam": 0.02}, model, split, recipe), ({**base, "budget": 0.5}, model, split, recipe),
+               ({**base, "gate_rule": "row_max"}, model, split, recipe), ({**base, "gate_lr": 0.1}, model, split, recipe),
+               ({**base, "seed": 1}, model, split, recipe), (base, model, split, dataclasses.replace(recipe, lr=2e-3)),
+               (base, other_head, split, recipe), (base, model, other_split, recipe)]
+    for n, (kw, m, s, r) in enumerate(changes, start=2):
+        csg.trained_csg(m, s, r, **kw)
+        assert len(calls) == n, kw
+    monkeypatch.setattr(csg, "SOURCE_DIGEST", "edited")
+    csg.trained_csg(model, split, recipe, **base)
+    assert len(calls) == len(changes) + 2

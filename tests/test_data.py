@@ -82,3 +82,28 @@ def test_imagenet_style_folder_is_resized_and_cropped(tmp_path):
     (tmp_path / "val" / "n03").mkdir()
     with pytest.raises(DatasetError, match="class 'n03' has no images"):
         load_image_folder(tmp_path, "val")
+
+
+def test_an_image_folder_with_train_and_test_splits(tmp_path):
+    """<root>/train and <root>/test (no val/): test/ is the test split, never a class of the root; a missing split
+    beside the others is named, not read as the root's class folders. A root of class folders may have a class
+    named test or train."""
+    for split, classes, n in (("train", ("a", "b"), 1), ("test", ("a", "b", "c"), 2)):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                (tmp_path / split / c / f"{i}.png").write_bytes(_png(i, (3, 32, 32)))
+    test = open_dataset(f"imagefolder:{tmp_path}", "test")
+    assert test.classes == ["a", "b", "c"] and len(test) == 6
+    assert open_dataset(f"imagefolder:{tmp_path}", "train").classes == ["a", "b"]
+    __import__("shutil").rmtree(tmp_path / "test")
+    with pytest.raises(DatasetError, match=r"has no val/ or test/ folder"):
+        open_dataset(f"imagefolder:{tmp_path}", "test")
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_image_folder(tmp_path / "nowhere", "val")
+    flat = tmp_path / "flat"
+    for c in ("cat", "test", "train"):
+        (flat / c).mkdir(parents=True)
+        (flat / c / "0.png").write_bytes(_png(0, (3, 32, 32)))
+    for split in ("val", "train"):
+        assert load_image_folder(flat, split).classes == ["cat", "test", "train"]

@@ -1,6 +1,7 @@
 """Two processes (torch.distributed, gloo on the CPU) give exactly what one process gives."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,22 +115,36 @@ def test_ddp_training_keeps_ranks_identical_and_learns(tmp_path):
 
 
 def test_command_line_under_torchrun_equals_one_process(tmp_path, digits_model):
-    """`torchrun --nproc_per_node 2 -m classfilters ...` (gloo on the CPU) writes what one process writes."""
+    """`torchrun --nproc_per_node 2 -m classfilters ...` (gloo on the CPU) writes what one process writes, and
+    only rank 0 writes (issue 16)."""
     import json
     import subprocess
     import sys
     weights = tmp_path / "resnet8.pt"
     torch.save(digits_model.body.model.state_dict(), weights)
-    args = ["-m", "classfilters", "--model", "resnet8", "--checkpoint", str(weights), "--dataset", "digits",
-            "--k", "5", "--k-prime", "4", "--device", "cpu", "--batch-size", "50"]
+    # each rank gets a cache and an output file of its own (the wrapper below), so that what rank 1 writes shows
+    wrapper = tmp_path / "per_rank.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        "rank = os.environ.get('LOCAL_RANK', '0')\n"
+        "os.environ['CLASSFILTERS_CACHE'] += '-rank' + rank\n"
+        "sys.argv = ['classfilters', *sys.argv[1:-1], sys.argv[-1] + '.rank' + rank]\n"
+        "runpy.run_module('classfilters', run_name='__main__')\n")
+    args = ["--model", "resnet8", "--checkpoint", str(weights), "--dataset", "digits",
+            "--k", "5", "--k-prime", "4", "--device", "cpu", "--batch-size", "50", "--out"]
     outputs = []
     for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]):
-        out = tmp_path / f"out{len(outputs)}.json"
-        env = {**os.environ, "CLASSFILTERS_CACHE": str(tmp_path / f"cache{len(outputs)}"), "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, *launcher, *args, "--out", str(out)], env=env, capture_output=True,
+        out, cache = tmp_path / f"out{len(outputs)}.json", tmp_path / f"cache{len(outputs)}"
+        env = {**os.environ, "CLASSFILTERS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, *launcher, str(wrapper), *args, str(out)], env=env, capture_output=True,
                               text=True, timeout=600, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        outputs.append(json.loads(out.read_text()))
+        outputs.append(json.loads(Path(f"{out}.rank0").read_text()))
+        # rank 0 alone writes: no JSON from rank 1, nothing on stdout, one summary line, no features in rank 1's cache
+        assert not Path(f"{out}.rank1").exists() and proc.stdout == ""
+        assert proc.stderr.count("resnet8 on digits: full") == 1
+        assert len(list(Path(f"{cache}-rank0", "features").glob("*"))) == 2
+        assert not list(Path(f"{cache}-rank1", "features").glob("*"))
     assert outputs[0]["indices"] == outputs[1]["indices"] and outputs[0]["histograms"] == outputs[1]["histograms"]
     assert outputs[0]["test"] == pytest.approx(outputs[1]["test"])
 
@@ -175,3 +190,4 @@ def test_ddp_out_of_memory_on_one_rank_and_a_last_batch_smaller_than_the_ranks(t
     test = open_dataset("digits", "test")
     phi = extract_features(model, test, use_cache=False, progress=False, device="cpu")
     assert (model.head(phi).argmax(1) == test.labels).float().mean() > 0.2  # it learns (one process: 0.39)
+

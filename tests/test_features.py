@@ -38,33 +38,39 @@ def test_cache_is_reused_and_never_stale(digits_model, tmp_path, monkeypatch):
 
 
 class Exploding(torch.utils.data.Dataset):
-    """Images of a digits split that raise once `fail_at` is reached (an interrupted run)."""
+    """Images of a digits split that raise once `fail_at` is reached (an interrupted run). Every index read is
+    appended to the file `log` when given: the DataLoader's worker processes read them, not this process."""
 
-    def __init__(self, split, fail_at=None):
-        self.split, self.fail_at, self.seen = split, fail_at, []
+    def __init__(self, split, fail_at=None, log=None):
+        self.split, self.fail_at, self.log = split, fail_at, log
 
     def __len__(self):
         return len(self.split)
 
     def __getitem__(self, i):
-        self.seen.append(i)
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(f"{i}\n")
         if self.fail_at is not None and i >= self.fail_at:
-            raise KeyboardInterrupt("simulated interruption")
+            raise RuntimeError("simulated interruption")
         return self.split.images[i], int(self.split.labels[i])
 
 
-def test_interrupted_extraction_resumes(digits_model, monkeypatch):
+def test_interrupted_extraction_resumes(digits_model, tmp_path):
+    """The streamed path as it runs (a DataLoader with worker processes, no mock): an interrupted extraction keeps
+    its saved parts and the next call reads only the rest."""
     test = open_dataset("digits", "test")
     direct = extract_features(digits_model, test, use_cache=False, progress=False)
+    log = tmp_path / "interrupted.txt"
     streamed = ImageSplit(test.labels, test.classes, "streamed-digits", "streamed-digits-fp",
-                          dataset=Exploding(test, fail_at=200), mean=test.mean, std=test.std)
-    from classfilters import features
-    monkeypatch.setattr(features, "batches", _serial_batches)
-    with pytest.raises(KeyboardInterrupt):
+                          dataset=Exploding(test, fail_at=200, log=log), mean=test.mean, std=test.std)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
         extract_features(digits_model, streamed, batch_size=50, checkpoint_every=100, progress=False)
-    streamed.dataset.fail_at, streamed.dataset.seen = None, []
+    streamed.dataset.fail_at = None
+    streamed.dataset.log = log = tmp_path / "resumed.txt"  # a new file: the first run's workers may still write theirs
     resumed = extract_features(digits_model, streamed, batch_size=50, checkpoint_every=100, progress=False)
-    assert min(streamed.dataset.seen) == 200  # the first 200 images came from the saved parts
+    seen = sorted(map(int, log.read_text().split()))
+    assert seen == list(range(200, len(test)))  # the first 200 images came from the saved parts, the rest once
     assert torch.allclose(resumed, direct, atol=1e-5)
 
 

@@ -134,3 +134,20 @@ def test_a_quoted_table_passes_the_checker():
     (line, source, header, rows), = tables(text)
     assert header == ["k", "k_prime", "acc_full", "relative"] and [r[:2] for r in rows] == [["5", "5"]]
     test_every_number_matches_its_source(line, source, header, rows)
+
+
+FIGURE_FOLDERS = sorted(p.parent for p in (ROOT / "figures").glob("*/provenance.json"))
+
+
+@pytest.mark.parametrize("folder", FIGURE_FOLDERS, ids=lambda p: p.name)
+def test_every_committed_result_is_what_a_recorded_run_wrote(folder):
+    """Each file of a figures/ folder is an output that provenance.json records for one of its notebooks, with
+    the SHA-256 it had when that run wrote it: nothing left over from an older run, nothing edited by hand."""
+    from classfilters.provenance import file_hash
+    record = json.loads((folder / "provenance.json").read_text())
+    recorded = {name: digest for entry in record["notebooks"].values() for name, digest in entry.get("outputs", {}).items()}
+    present = {p.name for p in folder.iterdir() if p.is_file()} - {"provenance.json"}
+    assert not present - recorded.keys(), f"{folder.name}: files no recorded run wrote (left from an older run?)"
+    assert not recorded.keys() - present, f"{folder.name}: recorded outputs that are not committed"
+    changed = sorted(name for name, digest in recorded.items() if file_hash(folder / name) != digest)
+    assert not changed, f"{folder.name}: files changed since the run that wrote them"

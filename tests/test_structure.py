@@ -62,6 +62,7 @@ def test_one_policy_for_k_everywhere(tmp_path):
                 load_profile("demo", {"k": bad})
             with pytest.raises(ValueError, match="out of range"):
                 parse_size(str(bad))
+            assert parse_size(str(bad), check=False) == bad  # the command line's parse, its range checked later
     for wrong in (True, "5", None):
         with pytest.raises(TypeError):
             as_size(wrong, 32)
@@ -204,6 +205,29 @@ def test_panel_widget_builds():
     assert image.value[:4] == b"\x89PNG"
 
 
+def test_panel_redraws_what_the_sliders_and_picker_say():
+    """Moving k, k' or the class redraws the picture and the numbers for the new values (issue 16: the panel
+    after a slider moves), each against Algorithm 1 and `evaluate` recomputed independently."""
+    pytest.importorskip("ipywidgets")
+    from classfilters import evaluate, influential_features
+    features, labels = planted(d=32, strength=2.0)
+    panel = panel_for(features, labels, k=5, k_prime=5)
+    box = panel.widget()
+    k, kp, picker = box.children[0].children
+    image, text = box.children[1], box.children[2]
+    seen = {image.value}
+    for control, value in ((k, 2), (kp, 9), (picker, 3)):
+        control.value = value
+        assert image.value not in seen  # a new picture
+        seen.add(image.value)
+    reference = influential_features(features, labels, 2, 9)
+    accuracy = evaluate(panel.subject.head, reference, features, labels)["acc_decomposed"]
+    assert f"<b>k</b> = 2, <b>k'</b> = 9" in text.value and "<b>class</b> c3" in text.value
+    assert f"<b>accuracy</b> {accuracy:.4f}" in text.value
+    assert f"= {reference.indices[3]}" in text.value
+    assert f"<b>multiply-adds</b> {sum(map(len, reference.indices))} of {32 * panel.c}" in text.value
+
+
 # ------------------------------------------------------------------------------------------ provenance and resume
 
 
@@ -273,6 +297,32 @@ def test_a_run_of_one_notebook_keeps_the_others_records_under_other_settings(tmp
     assert runner.run_notebooks("demo", overrides={"name": "t", "k": 4}, resume=True, log=log.append, **kw) == 0
     assert "01_write: run again (the profile's settings changed)" in "\n".join(log)
     assert "02_other: current" in "\n".join(log)
+
+
+def test_kernel_sockets_stay_out_of_the_working_directory(tmp_path, monkeypatch):
+    """The kernels' IPC sockets live in a private temporary folder that is removed after the run: a
+    killed run must not leave kernel-ipc-N files in the user's working directory."""
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("profile = 'demo'\nout_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import json\nfrom pathlib import Path\nfrom ipykernel.connect import get_connection_info\n"
+        "Path(out_dir, 'connection.json').write_text(json.dumps(get_connection_info(unpack=True), default=str))")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / "01_connection.ipynb")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert runner.run_notebooks("demo", overrides={"name": "t"}, figures_dir=tmp_path / "figures",
+                                runs_dir=tmp_path / "runs", notebooks_dir=folder, progress=False, log=print) == 0
+    info = json.loads((tmp_path / "figures" / "connection.json").read_text())
+    if os.name == "posix":
+        sockets = Path(info["ip"])
+        assert info["transport"] == "ipc" and sockets.is_absolute() and cwd not in sockets.parents
+        assert not sockets.parent.exists()  # removed with the run
+    assert list(cwd.iterdir()) == []
 
 
 def test_provenance_is_written_atomically_and_names_the_commit_without_git(tmp_path, monkeypatch):

@@ -142,6 +142,12 @@ def test_slug_lowercases_and_joins_runs_of_other_characters_with_one_underscore(
     assert tables.slug("__A--b__") == "a_b"
     assert tables.slug("Wide ResNet 50") == "wide_resnet_50"
     assert tables.slug("abc123") == "abc123"
+    only_other = [tables.slug(name) for name in ("模型", "モデル")]  # no ASCII letter or digit
+    assert all(part.startswith("name_") and len(part) == 13 for part in only_other)
+    assert len(set(only_other)) == 2 and tables.slug("模型") == only_other[0]  # distinct and stable
+    partly = tables.slug("ResNet 模型"), tables.slug("ResNet モデル")
+    assert all(part.startswith("resnet_") for part in partly) and partly[0] != partly[1]
+    assert tables.slug("--") == "" and tables.slug("x\udcff").startswith("x_")  # a surrogate-escaped name too
 
 
 # ------------------------------------------------------------------------------------------ Fig 2, overlap

@@ -31,19 +31,17 @@ from .device import init_distributed
 from .features import extract_features
 from .influence import influential_features
 from .models import build_model
-from .sizes import DEFAULT_K, as_size
+from .sizes import DEFAULT_K, as_size, parse_size
 from .train import Recipe, trained_model
 
 
 def size(text: str) -> int | float:
     """'5' -> 5 (a count); '0.9' -> 0.9 (a fraction of mass). The range is checked by `validate`
     with every other argument, so that all problems are said at once."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a count (5) nor a fraction of mass (0.9)")
+    try:
+        return parse_size(text, check=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count (5) nor a fraction of mass (0.9)") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -272,12 +272,22 @@ def resize_crop(img: torch.Tensor, size: int, crop: int, interpolation: str = "b
     return center_crop(img, [crop, crop])
 
 
+def _holds_class_folders(folder: Path) -> bool:
+    """Whether `folder` is a split (it holds class folders), not a class (it holds images): a root of class
+    folders may have a class named train, val or test."""
+    return folder.is_dir() and any(child.is_dir() for child in folder.iterdir())
+
+
 def load_image_folder(root: str | Path, split: str = "val", resize: int = 256, crop: int = 224,
                       interpolation: str = "bilinear") -> ImageSplit:
     root = Path(root).expanduser()
-    split_dir = root / split if (root / split).is_dir() else root
-    if not split_dir.is_dir():
+    if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist; expected {root}/{split}/<class>/<images>")
+    names = (split, "test") if split == "val" else (split,)  # the test split is val/ (ImageNet) or else test/
+    split_dir = next((root / name for name in names if _holds_class_folders(root / name)), root)
+    if split_dir == root and any(_holds_class_folders(root / name) for name in ("train", "val", "test")):
+        raise DatasetError(f"image folder {root} has no {' or '.join(f'{n}/' for n in names)} folder beside its "
+                           f"other splits; expected {root}/{split}/<class>/<images>")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if not classes:
         raise DatasetError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<images>")

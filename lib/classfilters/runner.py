@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,9 +90,12 @@ def run_notebooks(profile: str, only: str | None = None, resume: bool = False, o
 
     class LocalKernelManager(KernelManager):
         """On POSIX, kernels talk over local sockets (IPC), not TCP ports: no port to race for, nothing on
-        the network (and no warning about unencrypted TCP from ipykernel)."""
+        the network (and no warning about unencrypted TCP from ipykernel). The sockets live in a private
+        temporary folder, not as kernel-ipc-N files in the working directory (left behind when a run is
+        killed)."""
         def __init__(self, **kwargs):
-            super().__init__(**({"transport": "ipc"} if os.name == "posix" else {}), **kwargs)
+            ipc = {"transport": "ipc", "ip": os.path.join(sockets, "kernel")} if os.name == "posix" else {}
+            super().__init__(**ipc, **kwargs)
 
     root = repo_root()
     settings = load_profile(profile, overrides)
@@ -116,7 +120,9 @@ def run_notebooks(profile: str, only: str | None = None, resume: bool = False, o
               "libraries": provenance.versions(), "notebooks": done, "settings": {**settings, digest: values}}
     started = time.time()
     status = 0
-    with kernel_environment():
+    # under /tmp on POSIX: a socket's path must stay under ~104 bytes, which a long $TMPDIR (macOS) can exceed
+    with kernel_environment(), tempfile.TemporaryDirectory(prefix="classfilters-kernels-", ignore_cleanup_errors=True,
+                                                           dir="/tmp" if os.name == "posix" else None) as sockets:
         for nb in todo:
             entry = done.get(nb.stem, {})
             if resume and not only:

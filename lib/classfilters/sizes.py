@@ -37,8 +37,9 @@ def as_size(value, limit: int | None, name: str = "k") -> Size:
     return value
 
 
-def parse_size(text: str, name: str = "k") -> Size:
-    """'5' -> 5 (a count); '0.9' -> 0.9 (a fraction of mass), range-checked except against D."""
+def parse_size(text: str, name: str = "k", check: bool = True) -> Size:
+    """'5' -> 5 (a count); '0.9' -> 0.9 (a fraction of mass), range-checked except against D (`check`; the
+    command line checks the range later, with every other argument, so that all problems are said at once)."""
     try:
         value = int(text)
     except ValueError:
@@ -46,7 +47,7 @@ def parse_size(text: str, name: str = "k") -> Size:
             value = float(text)
         except ValueError:
             raise ValueError(f"{name}: {text!r} is neither a count (5) nor a fraction of mass (0.9)") from None
-    return as_size(value, None, name)
+    return as_size(value, None, name) if check else value
 
 
 def grid_sizes(values, limit: int, name: str = "k", log=print) -> list[int]:

@@ -9,6 +9,7 @@ Table 1 and the CSG comparison: `csg_tables`. Each returns frames the notebooks 
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from dataclasses import asdict
 
@@ -36,8 +37,14 @@ def family(name: str) -> str:
 
 
 def slug(text: str) -> str:
-    """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared"."""
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    """A file-name part: "ResNet (CIFAR), shared" -> "resnet_cifar_shared". A name with other than ASCII
+    characters also gets a short hash of itself ("ResNet 模型" -> "resnet_<hash>"), so that two names differing
+    only there never share a file."""
+    part = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    if text.isascii():
+        return part
+    digest = hashlib.blake2b(text.encode(errors="surrogatepass"), digest_size=4).hexdigest()
+    return f"{part or 'name'}_{digest}"
 
 
 def index_table(influence: InfluentialFeatures, classes: list[str]) -> pd.DataFrame:
