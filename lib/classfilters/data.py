@@ -9,6 +9,9 @@
                            resized to 256 and centre-cropped to 224
 and returns an `ImageSplit`. Small datasets are held in memory as one uint8 tensor
 (N, C, H, W); decoding a JPEG archive is done once and cached (see cache.py).
+
+About 310 lines: the three sources share `ImageSplit` and its fingerprint, and each one's layout
+checks (which folder is a split, a class, a truncated archive) belong with its reader.
 """
 from __future__ import annotations
 
