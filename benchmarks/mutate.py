@@ -39,7 +39,7 @@ MODULES = {
     "overlap": ["test_ablation_overlap.py"],
     "visualize": ["test_csg_visualize.py", "test_planted_bugs.py"],
     "csg": ["test_csg_visualize.py"],
-    "cache": ["test_security.py", "test_planted_bugs.py"],              # the cache keys and checks
+    "cache": ["test_cache.py", "test_security.py", "test_planted_bugs.py"],            # the cache keys and checks
     "cli": ["test_cli.py", "test_security.py", "test_planted_bugs.py"],
     "runner": ["test_structure.py", "test_planted_bugs.py"],            # --resume
     "provenance": ["test_structure.py", "test_planted_bugs.py"],        # what --resume trusts

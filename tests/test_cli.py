@@ -103,3 +103,170 @@ def test_pretrained_weights_load_offline_from_torchvision_cache(tmp_path, monkey
     root = jpeg_tree(tmp_path / "tree", {"train": CLASSES, "val": CLASSES})
     assert main(["--model", "resnet18", "--pretrained", "--dataset", f"imagefolder:{root}", "--device", "cpu"]) == 1
     assert "predicts 1000 classes but the train split has 3" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Arguments: every problem said at once, before any work, each with what to do
+
+def parsed(*extra):
+    from classfilters.cli import parse_args
+    return parse_args(["--model", "resnet8", "--dataset", "digits", *extra])
+
+
+def test_sizes_parse_as_counts_or_fractions():
+    import argparse
+
+    import pytest
+
+    from classfilters.cli import size
+    assert size("5") == 5 and isinstance(size("5"), int)
+    assert size("0.9") == 0.9 and isinstance(size("0.9"), float)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'abc' is neither a count \(5\) nor a fraction of mass"):
+        size("abc")
+    args = parsed()
+    from classfilters.sizes import DEFAULT_K
+    assert (args.k, args.k_prime, args.batch_size, args.pretrained, args.train_epochs, args.no_cache) == \
+        (DEFAULT_K, DEFAULT_K, 256, False, None, False)
+    assert parsed("--pretrained").pretrained is True and parsed("--pretrained", "IMAGENET1K_V1").pretrained == "IMAGENET1K_V1"
+
+
+def test_every_bad_argument_is_said_in_order(tmp_path):
+    from classfilters.cli import parse_args, validate
+    args = parse_args(["--model", "resnet8", "--dataset", "cifar10:/no/such/place", "--k", "0", "--k-prime", "1.5",
+                       "--batch-size", "0", "--train-epochs", "0", "--checkpoint", str(tmp_path / "missing.th"),
+                       "--device", "warp-drive", "--out", str(tmp_path)])
+    errors = validate(args)
+    assert len(errors) == 8
+    assert "--k" in errors[0] and "--k-prime" in errors[1]
+    assert errors[2:] == [
+        "--batch-size 0: must be at least 1",
+        "--train-epochs 0: must be at least 1 (an untrained model gives meaningless features; pass --checkpoint or "
+        "--pretrained for given weights)",
+        f"--checkpoint {tmp_path / 'missing.th'}: no such file",
+        "--dataset cifar10:/no/such/place: /no/such/place does not exist",
+        "--device warp-drive: not a device name; use cpu, cuda or cuda:<index>",
+        f"--out {tmp_path}: is a folder; give a file name, e.g. {tmp_path / 'result.json'}"]
+    assert validate(parsed("--k", "1", "--k-prime", "1.0", "--batch-size", "1", "--train-epochs", "1")) == []
+
+
+def test_train_epochs_with_given_weights_is_refused(tmp_path):
+    from classfilters.cli import validate
+    checkpoint = tmp_path / "w.th"
+    checkpoint.write_bytes(b"x")
+    said = "--train-epochs applies only when the model is trained here: drop it, or drop --checkpoint / --pretrained"
+    assert validate(parsed("--checkpoint", str(checkpoint), "--train-epochs", "3")) == [said]
+    assert validate(parsed("--pretrained", "--train-epochs", "3")) == [said]
+    assert validate(parsed("--checkpoint", str(checkpoint))) == []
+
+
+def test_dataset_specs(tmp_path):
+    from classfilters.cli import _dataset_errors
+    assert _dataset_errors("digits") == [] and _dataset_errors("cifar10") == []
+    assert _dataset_errors(f"imagefolder:{tmp_path}") == [] and _dataset_errors(f"cifar10:{tmp_path}") == []
+    assert _dataset_errors("mnist") == ["--dataset mnist: unknown kind 'mnist'; use digits, cifar10, cifar10:<path> "
+                                        "or imagefolder:<path>"]
+    assert _dataset_errors("digits:x") == ["--dataset digits:x: digits takes no path (it is scikit-learn's bundled "
+                                           "set); pass 'digits'"]
+    for spec in ("imagefolder", "imagefolder:"):
+        assert _dataset_errors(spec) == [f"--dataset {spec}: imagefolder needs a path, e.g. imagefolder:/data/imagenet"]
+    assert _dataset_errors(f"imagefolder:{tmp_path / 'gone'}") == [
+        f"--dataset imagefolder:{tmp_path / 'gone'}: {tmp_path / 'gone'} does not exist"]
+
+
+def test_device_names(monkeypatch):
+    import torch
+
+    from classfilters.cli import _device_errors
+    assert _device_errors(None) == [] and _device_errors("cpu") == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device_errors("cuda") == ["--device cuda: no CUDA GPU is available here; use --device cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _device_errors("cuda") == [] and _device_errors("cuda:1") == []
+    assert _device_errors("cuda:2") == ["--device cuda:2: there are 2 CUDA GPUs (cuda:0..cuda:1)"]
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    assert _device_errors("xpu") == ["--device xpu: no xpu device is available here"]
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
+    assert _device_errors("xpu:0") == []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert _device_errors("mps") == ["--device mps: no mps device is available here"]
+
+
+def test_output_paths(tmp_path):
+    from classfilters.cli import _out_errors
+    assert _out_errors(None) == [] and _out_errors(tmp_path / "new" / "deeper" / "r.json") == []
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert _out_errors(a_file) == []  # overwritten
+    assert _out_errors(a_file / "r.json") == [f"--out {a_file / 'r.json'}: cannot be written (check the folder's "
+                                              "permissions)"]
+
+
+# --------------------------------------------------------------------------------------
+# main: the exit codes and what it prints
+
+def checkpoint_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from classfilters.cifar_resnet import CifarResNet
+    torch.manual_seed(5)
+    save_file(CifarResNet(8, num_classes=10, in_channels=1).state_dict(), tmp_path / "m.safetensors")
+    return ["--model", "resnet8", "--checkpoint", str(tmp_path / "m.safetensors"), "--dataset", "digits",
+            "--k", "3", "--k-prime", "4", "--device", "cpu"]
+
+
+def test_bad_arguments_exit_2_with_one_line_each(tmp_path, capsys):
+    assert main(["--model", "resnet8", "--dataset", "mnist", "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m classfilters: error: --batch-size 0: must be at least 1",
+        "python -m classfilters: error: --dataset mnist: unknown kind 'mnist'; use digits, cifar10, cifar10:<path> "
+        "or imagefolder:<path>"]
+
+
+def test_the_json_goes_to_stdout_without_out_and_the_summary_to_stderr(tmp_path, capsys):
+    assert main(checkpoint_file(tmp_path)) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    test = result["test"]
+    assert captured.err.splitlines()[-1] == (
+        f"resnet8 on digits: full {test['acc_full']:.4f}, decomposed {test['acc_decomposed']:.4f}, relative "
+        f"{test['relative']:.4f}, multiply-adds {test['multiply_adds_full']} -> {test['multiply_adds_decomposed']}")
+    assert test["multiply_adds_full"] == 640 and test["multiply_adds_decomposed"] == 4 * 10
+
+
+def test_only_rank_0_writes(tmp_path, capsys, monkeypatch):
+    from classfilters import cli
+    monkeypatch.setattr(cli, "init_distributed", lambda: (1, 1))
+    assert main([*checkpoint_file(tmp_path), "--out", str(tmp_path / "r.json")]) == 0
+    assert not (tmp_path / "r.json").exists() and capsys.readouterr().out == ""
+
+
+def test_errors_during_the_work_are_one_line_unless_debugging(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    from classfilters import cli
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--model", "resnet8", "--dataset", f"imagefolder:{empty}"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m classfilters: error: ") and "\n" not in err and "--debug" not in err
+
+    def boom(*a):
+        raise RuntimeError("kernel\n   failed")
+    monkeypatch.setattr(cli, "compute", boom)
+    assert main(args) == 1
+    assert capsys.readouterr().err == ("python -m classfilters: error: kernel failed (RuntimeError; run with --debug "
+                                       "for the traceback)\n")
+    with pytest.raises(RuntimeError, match="kernel"):
+        main([*args, "--debug"])
+
+
+def test_warnings_are_printed_as_one_line(tmp_path, capsys, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(blocked))
+    assert main(checkpoint_file(tmp_path)) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned and warned[0].startswith(f"python -m classfilters: warning: the cache folder {blocked}")

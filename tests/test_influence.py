@@ -193,3 +193,13 @@ def test_gpu_kernel_compiles_for_the_h100(width, warps):
                        constexprs={"BLOCK": triton.next_power_of_2(width)})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert compiled.asm["cubin"] and "atom" in compiled.asm["ptx"]
+
+
+def test_triton_is_imported_only_for_cuda_features():
+    """Importing Triton costs about a second, paid by every notebook's kernel: CPU work never imports it."""
+    check = ("import sys, torch\nfrom classfilters import influential_features, tables\n"
+             "from classfilters.influence import gpu_kernel_takes\n"
+             "x = torch.rand(20, 8)\ninfluential_features(x, torch.arange(20) % 2, 3, 3)\n"
+             "assert not gpu_kernel_takes(x) and 'triton' not in sys.modules, sorted(sys.modules)[:5]\n")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -284,8 +284,8 @@ def _source_hash(fn) -> str:
     """The function's source and bytecode names and constants (two lambdas on one line differ)."""
     try:
         text = inspect.getsource(fn)
-    except (OSError, TypeError):
-        text = repr(fn)
+    except (OSError, TypeError):  # no source file (built in, or made by exec / eval): its bytecode below
+        text = _plain(repr(fn))
     code = getattr(fn, "__code__", None)
     if code is not None:
         text += f"|{code.co_code.hex()}|{code.co_names}|{_plain(code.co_consts)}"

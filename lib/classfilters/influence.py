@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import topk_gpu
 from .checks import check_features, check_labels, check_rank_by, check_shape, nonfinite_error, resolve_rank_by
 from .sizes import DEFAULT_K, Size, as_size
 from .topk_cpu import class_histograms_cpu
@@ -106,6 +105,15 @@ def mass_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # exact as float32 keys
 
 
+def gpu_kernel_takes(features: torch.Tensor) -> bool:
+    """Whether the Triton kernel (topk_gpu.py) can take `features`; Triton is imported only for CUDA features
+    (importing it costs about a second, which every notebook's kernel would pay on a CPU)."""
+    if not features.is_cuda:
+        return False
+    from . import topk_gpu
+    return topk_gpu.available(features)
+
+
 def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: int, k: Size,
                      rank_by: str = "auto", chunk_size: int = 65536,
                      what: str = "features") -> tuple[torch.Tensor, str]:
@@ -116,13 +124,14 @@ def class_histograms(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     n, d = features.shape
     k = as_size(k, d, "k")
     on_cpu = features.device.type == "cpu"
-    if isinstance(k, int) and features.dtype in KERNEL_DTYPES and (on_cpu or topk_gpu.available(features)):
+    if isinstance(k, int) and features.dtype in KERNEL_DTYPES and (on_cpu or gpu_kernel_takes(features)):
         if on_cpu:
             zero = np.zeros(n, np.bool_)
             histograms, nonfinite, negative = class_histograms_cpu(features, labels, num_classes, k, zero=zero)
             zero_rows = int(zero.sum())
         else:
-            histograms, nonfinite, negative = topk_gpu.class_histograms_gpu(features, labels, num_classes, k)
+            from .topk_gpu import class_histograms_gpu
+            histograms, nonfinite, negative = class_histograms_gpu(features, labels, num_classes, k)
             zero_rows = int((features == 0).all(1).sum())
         if nonfinite.any():
             raise nonfinite_error(what, nonfinite.nonzero().flatten())

@@ -1,0 +1,297 @@
+"""The tensor cache (cache.py) on its own: keys, checksums, atomic writes, the clean-up of killed writes and
+the code hashes that key results, each against an independent expectation (hashlib over the bytes, a
+file written by hand, two versions of a function that differ in one place)."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from classfilters import cache
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def leftovers(path):
+    return sorted(p.name for p in path.iterdir() if p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------
+# Entries: what goes in comes out, under its own key only
+
+def test_an_entry_round_trips_exactly_and_leaves_no_temporary(folder):
+    tensors = {"a": torch.arange(12, dtype=torch.float64).reshape(3, 4).t(),  # not contiguous
+               "b": torch.tensor([1, -2], dtype=torch.int8), "empty": torch.zeros(0, 5)}
+    path = cache.save("features", {"x": 1}, tensors)
+    assert path == folder / "features" / f"{cache.key_hash({'x': 1})}.safetensors"
+    back = cache.load("features", {"x": 1})
+    assert sorted(back) == ["a", "b", "empty"]
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape and torch.equal(back[name], t)
+    assert leftovers(folder / "features") == []
+    assert cache.load("features", {"x": 2}) is None and cache.load("other", {"x": 1}) is None
+
+
+def test_the_key_text_holds_the_format_and_ignores_the_order_of_fields():
+    assert cache.key_text({"b": 1, "a": [1, 2]}) == f'{{"a": [1, 2], "b": 1, "format": {cache.CACHE_FORMAT}}}'
+    assert cache.key_hash({"b": 1, "a": 2}) == cache.key_hash({"a": 2, "b": 1})
+    assert cache.key_hash({"a": 1}) != cache.key_hash({"a": "1"}) != cache.key_hash({"a": 1, "b": None})
+    assert len(cache.key_hash({})) == 24
+
+
+def test_an_entry_written_for_another_key_is_a_miss(folder):
+    """Two keys whose file names collided: the key stored in the file decides."""
+    mine, theirs = {"model": "a"}, {"model": "b"}
+    path = cache.save("features", theirs, {"f": torch.ones(3)})
+    path.rename(cache.entry_path("features", mine))
+    assert cache.load("features", mine) is None
+
+
+def test_an_unreadable_entry_is_warned_about_and_rewritten(folder):
+    key = {"k": 1}
+    path = cache.entry_path("features", key)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x00" * 64)  # not a safetensors file
+    with pytest.warns(cache.CacheWarning, match="unreadable"):
+        assert cache.load("features", key) is None
+    cache.save("features", key, {"f": torch.full((2,), 7.0)})
+    assert torch.equal(cache.load("features", key)["f"], torch.full((2,), 7.0))
+
+
+def test_an_entry_without_a_checksum_is_a_miss(folder):
+    key = {"k": 2}
+    path = cache.entry_path("features", key)
+    path.parent.mkdir(parents=True)
+    save_file({"f": torch.ones(2)}, str(path), metadata={"key": cache.key_text(key)})
+    with pytest.warns(cache.CacheWarning, match="checksum"):
+        assert cache.load("features", key) is None
+
+
+def test_a_failed_write_is_warned_about_and_leaves_nothing(folder, monkeypatch):
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cache, "save_file", full_disk)
+    with pytest.warns(cache.CacheWarning, match="could not write the cache entry .*No space left"):
+        assert cache.save("features", {"k": 3}, {"f": torch.ones(2)}) is None
+    assert list((folder / "features").iterdir()) == []
+
+
+def test_discard_removes_the_entry_and_never_raises(folder, monkeypatch):
+    cache.save("features", {"k": 4}, {"f": torch.ones(1)})
+    cache.save("features", {"k": 5}, {"f": torch.ones(1)})
+    cache.discard("features", {"k": 4})
+    assert cache.load("features", {"k": 4}) is None and cache.load("features", {"k": 5}) is not None
+    cache.discard("features", {"k": 4})  # gone already
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(13, "read-only")
+    with monkeypatch.context() as m:
+        m.setattr(type(folder), "unlink", refused)
+        cache.discard("features", {"k": 5})
+    assert cache.entry_path("features", {"k": 5}).exists()
+
+
+def test_the_checksum_covers_names_dtypes_shapes_and_bytes():
+    def digest_by_hand(tensors):
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name].contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+    base = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.tensor([1, 2], dtype=torch.int64)}
+    assert cache.tensors_digest(base) == digest_by_hand(base)
+    assert cache.tensors_digest(dict(reversed(list(base.items())))) == cache.tensors_digest(base)
+    variants = [{**base, "b": base["b"].reshape(3, 2)}, {**base, "b": base["b"].double()},
+                {"c": base["b"], "a": base["a"]},
+                {**base, "a": torch.tensor([1, 3])}, {**base, "e": torch.zeros(0)}]
+    digests = {cache.tensors_digest(v) for v in variants} | {cache.tensors_digest(base)}
+    assert len(digests) == len(variants) + 1
+
+
+# --------------------------------------------------------------------------------------
+# Killed writes: what is removed and what is kept
+
+def aged(path, seconds):
+    path.write_bytes(b"x")
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+    return path
+
+
+def test_temporaries_are_removed_by_owner_and_age(tmp_path, monkeypatch):
+    host, other = cache._host(), "elsewhere"
+    dead_pid = 2 ** 22 + 12345  # above the kernel's pid_max: no such process
+    dead_here = aged(tmp_path / f".{host}.{dead_pid}.abc.tmp", 0)
+    live_here = aged(tmp_path / f".{host}.{os.getpid()}.abc.tmp", 0)
+    dead_there_fresh = aged(tmp_path / f".{other}.{dead_pid}.abc.tmp", 0)  # another host's: only age counts
+    dead_there_old = aged(tmp_path / f".{other}.{dead_pid}.abd.tmp", cache.STALE_SECONDS + 60)
+    probe_young = aged(tmp_path / ".probe-abc", cache.STALE_SECONDS - 60)
+    probe_old = aged(tmp_path / ".probe-abd", cache.STALE_SECONDS + 60)
+    not_ours = aged(tmp_path / ".tmpTOOLONG1", cache.STALE_SECONDS + 60)  # not a 6-character safetensors name
+    entry = aged(tmp_path / "abc.safetensors", cache.STALE_SECONDS + 60)
+    removed = cache.remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([dead_here, dead_there_old, probe_old])
+    assert all(p.exists() for p in (live_here, dead_there_fresh, probe_young, not_ours, entry))
+    later = time.time() + cache.STALE_SECONDS + 1
+    assert sorted(cache.remove_stale_temporaries(tmp_path, now=later)) == sorted([dead_there_fresh, probe_young,
+                                                                                   live_here])
+
+
+def test_a_process_we_may_not_signal_is_alive(tmp_path, monkeypatch):
+    def not_permitted(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(cache.os, "kill", not_permitted)
+    theirs = aged(tmp_path / f".{cache._host()}.4242.abc.tmp", 0)
+    assert cache.remove_stale_temporaries(tmp_path) == [] and theirs.exists()
+
+
+def test_a_folder_that_cannot_be_listed_or_a_vanished_temporary_is_skipped(tmp_path, monkeypatch):
+    assert cache.remove_stale_temporaries(tmp_path / "missing") == []
+    vanishing = aged(tmp_path / ".tmpAbC123", cache.STALE_SECONDS + 60)
+    real_stat = type(vanishing).stat
+
+    def gone(self, **kwargs):
+        if self.name == vanishing.name:
+            raise FileNotFoundError(2, "gone")
+        return real_stat(self, **kwargs)
+    monkeypatch.setattr(type(vanishing), "stat", gone)
+    assert cache.remove_stale_temporaries(tmp_path) == []
+
+
+def test_a_cache_path_that_is_a_file_is_said_once(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(blocked))
+    with pytest.warns(cache.CacheWarning, match=f"{blocked}.* cannot be written .*CLASSFILTERS_CACHE") as caught:
+        assert cache.writable("features") is False
+        assert cache.writable("models") is False
+        assert cache.save("features", {"k": 1}, {"f": torch.ones(1)}) is None
+    assert len(caught) == 1
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path / "ok"))
+    assert cache.writable("features") is True and (tmp_path / "ok" / "features").is_dir()
+
+
+# --------------------------------------------------------------------------------------
+# Code hashes: they change when what the code computes changes, and only then
+
+def module_from(tmp_path, name, text):
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_function_is_identified_by_its_code_constants_defaults_and_closure(tmp_path):
+    a = module_from(tmp_path, "va", "def f(x, scale=2):\n    return x * scale + 1\n")
+    b = module_from(tmp_path, "vb", "def f(x, scale=2):\n    return x * scale + 1\n")
+    c = module_from(tmp_path, "va", "def f(x, scale=2):\n    return x * scale + 3\n")
+    d = module_from(tmp_path, "va", "def f(x, scale=5):\n    return x * scale + 1\n")
+    again = module_from(tmp_path, "va", "def f(x, scale=2):\n    return x * scale + 1\n")
+    ids = [cache.code_identity(m.f) for m in (a, b, c, d)]
+    assert len(set(ids)) == 4 and cache.code_identity(again.f) == ids[0]  # the module's name counts too
+
+    def make(offset):
+        return lambda x: x + offset
+    assert cache.code_identity(make(1)) != cache.code_identity(make(2))
+    assert cache.code_identity(make(1)) == cache.code_identity(make(1))
+
+    def not_yet():
+        return later  # noqa: F821 -- an empty closure cell is fine
+    assert len(cache.code_identity(not_yet)) == 24
+    later = 1  # noqa: F841
+
+
+def test_partials_builtins_and_callable_objects_are_identified():
+    def g(x, y=0):
+        return x + y
+    p1, p2, p3 = functools.partial(g, 1), functools.partial(g, 2), functools.partial(g, 1, y=3)
+    assert len({cache.code_identity(p) for p in (p1, p2, p3)}) == 3
+    assert cache.code_identity(functools.partial(g, 1)) == cache.code_identity(p1)
+    assert cache.code_identity(len) != cache.code_identity(abs)  # builtins: their names
+    no_source = [eval(f"lambda x: x + {i}") for i in (1, 1, 2)]  # noqa: S307 -- no file to read the source from
+    assert [cache.code_identity(f) for f in no_source].count(cache.code_identity(no_source[0])) == 2
+
+    class Scale:
+        def __init__(self, s):
+            self.s = s
+
+        def __call__(self, x):
+            return x * self.s
+    assert cache.code_identity(Scale(2)) != cache.code_identity(Scale(3))
+    assert cache.code_identity(Scale(2)) == cache.code_identity(Scale(2))
+    wrapped = [functools.partial(torch.nn.MaxPool2d(k), torch.zeros(1)) for k in (2, 3)]
+    assert cache.code_identity(wrapped[0]) != cache.code_identity(wrapped[1])
+
+
+def test_a_module_is_identified_by_its_classes_code_and_settings_not_its_weights(tmp_path):
+    text = ("import torch\nclass Block(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+            "        self.conv = torch.nn.Conv2d(1, 2, 3)\n        self.pool = torch.nn.AvgPool2d(2)\n"
+            "        self.act = torch.relu\n    def forward(self, x):\n        return self.pool(self.act(self.conv(x)))\n")
+    a = module_from(tmp_path, "blocks", text).Block()
+    b = module_from(tmp_path, "blocks", text).Block()
+    torch.nn.init.normal_(b.conv.weight)
+    assert cache.code_identity(a) == cache.code_identity(b)  # other weights, same computation
+    b.pool.kernel_size = 3
+    assert cache.code_identity(a) != cache.code_identity(b)  # a setting
+    c = module_from(tmp_path, "blocks", text.replace("self.act = torch.relu", "self.act = torch.sigmoid")).Block()
+    assert cache.code_identity(a) != cache.code_identity(c)  # a callable setting
+    d = module_from(tmp_path, "blocks", text.replace("self.pool(self.act(", "self.pool(-self.act(")).Block()
+    assert cache.code_identity(a) != cache.code_identity(d)  # the forward's code
+
+
+def test_a_change_in_an_inherited_method_changes_the_class_hash(tmp_path):
+    text = ("import torch\nclass Base(torch.nn.Module):\n    def helper(self, x):\n        return x + 1\n"
+            "class Child(Base):\n    def forward(self, x):\n        return self.helper(x)\n")
+    one = module_from(tmp_path, "family1", text).Child
+    two = module_from(tmp_path, "family2", text.replace("x + 1", "x + 2")).Child
+    same = module_from(tmp_path, "family3", text).Child
+    assert cache._class_source_hash(one) != cache._class_source_hash(two)
+    assert cache._class_source_hash(one) == cache._class_source_hash(same)
+    from importlib import metadata
+    assert cache._class_source_hash(torch.nn.Conv2d) == hashlib.sha256(
+        "".join(f"{base.__module__}.{base.__qualname__}@{metadata.version('torch')}"
+                for base in torch.nn.Conv2d.__mro__ if base is not object).encode()).hexdigest()[:16]
+
+
+def test_source_digest_follows_the_files(tmp_path):
+    one = module_from(tmp_path, "src_one", "X = 1\n")
+    two = module_from(tmp_path, "src_two", "X = 2\n")
+    assert cache.source_digest(one) == hashlib.sha256(b"X = 1\n").hexdigest()[:24]
+    assert cache.source_digest(one, two) == hashlib.sha256(b"X = 1\nX = 2\n").hexdigest()[:24]
+    assert cache.source_digest(one, two) != cache.source_digest(two, one)
+
+
+def test_file_and_folder_digests(tmp_path):
+    big = tmp_path / "big.bin"
+    data = os.urandom((1 << 20) + 12345)  # more than one read block
+    big.write_bytes(data)
+    assert cache.file_digest(big) == hashlib.sha256(data).hexdigest()
+    root = tmp_path / "tree"
+    (root / "a").mkdir(parents=True)
+    image, other = root / "a" / "x.JPG", root / "notes.txt"
+    image.write_bytes(b"12")
+    other.write_text("n")
+    st = image.stat()
+    expected = hashlib.sha256(f"a/x.JPG|2|{st.st_mtime_ns}\n".encode()).hexdigest()
+    assert cache.folder_digest(root, (".jpg",)) == expected  # suffixes compared in lower case
+    other.write_text("changed")
+    assert cache.folder_digest(root, (".jpg",)) == expected  # other files do not count
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert cache.folder_digest(root, (".jpg",)) != expected
+    (root / "a" / "y.jpg").mkdir()  # a folder with a matching name is not a file
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache.folder_digest(root, (".jpg",)) == expected
