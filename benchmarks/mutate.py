@@ -41,8 +41,8 @@ MODULES = {
     "csg": ["test_csg_visualize.py"],
     "cache": ["test_cache.py", "test_security.py", "test_planted_bugs.py"],            # the cache keys and checks
     "cli": ["test_cli.py", "test_security.py", "test_planted_bugs.py"],
-    "runner": ["test_structure.py", "test_planted_bugs.py"],            # --resume
-    "provenance": ["test_structure.py", "test_planted_bugs.py"],        # what --resume trusts
+    "runner": ["test_runner.py", "test_structure.py", "test_planted_bugs.py"],            # --resume
+    "provenance": ["test_provenance.py", "test_structure.py", "test_planted_bugs.py"],        # what --resume trusts
     "tables": ["test_tables.py", "test_planted_bugs.py"],  # the study tables (test_notebooks.py runs them too, too slow per mutant)
 }
 ALSO_COPY = ("figures", "profiles", "notebooks", "data", "benchmarks", "README.md", "RESULTS.md", "Makefile")

@@ -161,3 +161,48 @@ def test_csg_cache_returns_only_what_the_same_inputs_made(monkeypatch):
     monkeypatch.setattr(csg, "SOURCE_DIGEST", "edited")
     csg.trained_csg(model, split, recipe, **base)
     assert len(calls) == len(changes) + 2
+
+
+def test_csg_settings_are_checked_before_any_training():
+    model, split = planted_csg_case()
+    for kwargs, said in (({"gate_lr": 0}, r"gate_lr must be > 0 and lam >= 0, got gate_lr=0, lam=0.01"),
+                         ({"lam": -1}, r"gate_lr=0.01, lam=-1"),
+                         ({"budget": 1.5}, r"budget is the gates' L1-density in \[0, 1\] .* got 1.5"),
+                         ({"budget": -0.1}, r"got -0.1"),
+                         ({"gate_rule": "max"}, r"gate_rule must be one of \('clip', 'row_max'\), got 'max'"),
+                         ({"recipe": Recipe(optimizer="adam")}, r"recipe.optimizer must be 'sgd', got 'adam'")):
+        with pytest.raises(ValueError, match=said):
+            csg.train_csg(model, split, device="cpu", **kwargs)
+    with pytest.raises(ValueError, match=r"order must be 'highest' or 'lowest', got 'middle'"):
+        csg.gate_mask(torch.rand(4, 2), 1, "middle")
+    assert csg.gate_mask(torch.rand(4, 2), 0).sum() == 0 and csg.gate_mask(torch.rand(4, 2), 4).all()
+
+
+class Streamed(torch.utils.data.Dataset):
+    """A split's images served one by one (as a folder is), not held in memory."""
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def test_streamed_splits_are_shuffled_whole_and_fetched_by_index():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (10, 1, 2, 2), generator=gen, dtype=torch.uint8)
+    labels = torch.arange(10) % 3
+    in_memory = ImageSplit(labels, ["a", "b", "c"], "t", "t-v1", images=images)
+    streamed = ImageSplit(labels, ["a", "b", "c"], "t", "t-v1", dataset=Streamed(images, labels))
+    for split in (in_memory, streamed):
+        seen = list(csg.shuffled_batches(split, 4, torch.Generator().manual_seed(0), "cpu"))
+        assert [len(b[1]) for b in seen] == [4, 4, 2]
+        got_images, got_labels = torch.cat([b[0] for b in seen]), torch.cat([b[1] for b in seen])
+        order = torch.argsort(got_images.flatten(1).long() @ (256 ** torch.arange(4)))  # each image is unique
+        expected = torch.argsort(images.flatten(1).long() @ (256 ** torch.arange(4)))
+        assert torch.equal(got_images[order], images[expected]) and torch.equal(got_labels[order], labels[expected])
+        assert not torch.equal(got_labels, labels)  # shuffled
+        index = torch.tensor([7, 2, 5])
+        assert torch.equal(visualize.fetch_images(split, index), images[index])

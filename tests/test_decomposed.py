@@ -151,3 +151,20 @@ def test_feature_ranks_by_hand_for_each_ranking():
     assert feature_ranks(signed, "magnitude").tolist() == feature_ranks(signed).tolist()
     with pytest.raises(ValueError):
         feature_ranks(signed, "AUTO")
+
+
+def test_evaluate_and_the_grid_refuse_what_does_not_fit():
+    features, labels = planted()
+    head = random_head(32, 6)
+    with pytest.raises(ValueError, match=r"cover 6 classes x 32 features but the head is 6 x 40: they were computed "
+                                         "for another model"):
+        evaluate(random_head(40, 6), influential_features(features, labels, 2, 2),
+                 torch.cat([features, torch.zeros(len(features), 8)], 1), labels)
+    with pytest.raises(ValueError, match=r"6 classes x 32 features but the head is 7 x 32"):
+        evaluate(random_head(32, 7), influential_features(features, labels, 2, 2), features, labels)
+    with pytest.raises(ValueError, match="ks and k_primes must not be empty"):
+        grid_accuracy(features, labels, features, labels, head, [], [1])
+    with pytest.raises(ValueError, match="ks and k_primes must not be empty"):
+        grid_accuracy(features, labels, features, labels, head, [1], [])
+    with pytest.raises(TypeError, match="grid_accuracy takes counts for k and k'"):
+        grid_accuracy(features, labels, features, labels, head, [1, 0.5], [2])

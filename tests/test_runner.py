@@ -1,0 +1,111 @@
+"""The runner (runner.py) beside test_structure's resume tests: choosing notebooks, the kernels' environment,
+the parameters a notebook gets, and a failing notebook stopping the run with its error recorded."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from classfilters import runner
+
+
+def notebook(folder: Path, name: str, body: str, params: str = "profile = 'demo'\nout_dir = None\nk = None") -> Path:
+    folder.mkdir(exist_ok=True)
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / name)
+    return folder / name
+
+
+def test_notebooks_are_the_numbered_ones_in_order(tmp_path):
+    for name in ("10_last.ipynb", "02_b.ipynb", "01_a.ipynb", "scratch.ipynb", "3_short.ipynb", "04_x.txt"):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in runner.notebooks(tmp_path)] == ["01_a.ipynb", "02_b.ipynb", "10_last.ipynb"]
+
+
+def test_only_picks_by_number_stem_name_or_a_unique_part():
+    nbs = [Path(n) for n in ("01_influence.ipynb", "02_k_sweep.ipynb", "04_decomposition_retrain.ipynb",
+                             "10_explanations.ipynb")]
+    for only in ("4", "04", "004", "04_decomposition_retrain", "04_decomposition_retrain.ipynb", "retrain"):
+        assert runner.pick(nbs, only) == nbs[2], only
+    assert runner.pick(nbs, "10") == nbs[3] and runner.pick(nbs, "1") == nbs[0]
+    with pytest.raises(SystemExit, match=r"--only 'in' matches \['01_influence', '04_decomposition_retrain'\]; choose one of"):
+        runner.pick(nbs, "in")
+    with pytest.raises(SystemExit, match=r"--only '7' matches no notebook; choose one of \['01_influence'"):
+        runner.pick(nbs, "7")
+
+
+def test_the_kernels_environment_is_set_inside_and_restored_after(monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("CLASSFILTERS_PROGRESS", raising=False)
+    monkeypatch.setenv("TQDM_MININTERVAL", "1")
+    with pytest.raises(RuntimeError), runner.kernel_environment():
+        assert os.environ["MPLBACKEND"] == "module://matplotlib_inline.backend_inline"
+        assert os.environ["CLASSFILTERS_PROGRESS"] == "text"
+        assert os.environ["TQDM_MININTERVAL"] == "1"  # the user's choice is kept
+        raise RuntimeError("a failing run restores it too")
+    assert os.environ["MPLBACKEND"] == "Agg" and "CLASSFILTERS_PROGRESS" not in os.environ
+    monkeypatch.delenv("TQDM_MININTERVAL")
+    with runner.kernel_environment():
+        assert os.environ["TQDM_MININTERVAL"] == "5"
+    assert "TQDM_MININTERVAL" not in os.environ
+
+
+def test_a_notebook_gets_exactly_what_its_parameters_cell_declares(tmp_path):
+    nb = notebook(tmp_path / "nbs", "01_a.ipynb", "pass", params="profile = 'demo'\nout_dir = None\nk_prime = None")
+    values = {"k": 3, "k_prime": 7, "model": "resnet8"}
+    assert runner.notebook_parameters(nb, tmp_path / "p.yaml", tmp_path / "out", values) == {
+        "k_prime": 7, "profile": str(tmp_path / "p.yaml"), "out_dir": str(tmp_path / "out")}
+    bad = notebook(tmp_path / "nbs", "02_b.ipynb", "pass", params="profile = 'demo'\nout_dir = None\nkk = 1")
+    with pytest.raises(ValueError, match=r"02_b.ipynb: parameters \['kk'\] are neither \('profile', 'out_dir'\) nor "
+                                         "settings of classfilters.Profile"):
+        runner.notebook_parameters(bad, tmp_path / "p.yaml", tmp_path / "out", values)
+
+
+def test_a_failing_notebook_stops_the_run_with_its_error_recorded(tmp_path):
+    folder = tmp_path / "nbs"
+    notebook(folder, "01_ok.ipynb", "from pathlib import Path\nPath(out_dir, 'a.csv').write_text('a')")
+    notebook(folder, "02_fails.ipynb", "1 / 0")
+    notebook(folder, "03_never.ipynb", "from pathlib import Path\nPath(out_dir, 'c.csv').write_text('c')")
+    log = []
+    kw = {"figures_dir": tmp_path / "figures", "runs_dir": tmp_path / "runs", "notebooks_dir": folder,
+          "progress": False, "log": log.append}
+    assert runner.run_notebooks("demo", overrides={"name": "t"}, **kw) == 1
+    said = "\n".join(log)
+    assert "[t] 02_fails FAILED: ZeroDivisionError: division by zero" in said
+    assert f"executed copy: {tmp_path / 'runs' / '02_fails.ipynb'}" in said and "03_never" not in said
+    prov = json.loads((tmp_path / "figures" / "provenance.json").read_text())
+    assert prov["notebooks"]["01_ok"]["status"] == "ok" and prov["notebooks"]["01_ok"]["outputs"].keys() == {"a.csv"}
+    failed = prov["notebooks"]["02_fails"]
+    assert failed["status"] == "failed" and failed["error"] == "ZeroDivisionError: division by zero"
+    assert "03_never" not in prov["notebooks"] and not (tmp_path / "figures" / "c.csv").exists()
+    assert (tmp_path / "runs" / "profile.yaml").is_file()
+    log.clear()  # --resume runs the failed one again (and what follows), not the one that succeeded
+    assert runner.run_notebooks("demo", overrides={"name": "t"}, resume=True, **kw) == 1
+    assert "01_ok: current" in "\n".join(log) and "02_fails: run again (last status failed)" in "\n".join(log)
+
+
+def test_only_runs_the_notebook_even_when_it_is_current(tmp_path):
+    folder = tmp_path / "nbs"
+    notebook(folder, "01_ok.ipynb", "from pathlib import Path\nPath(out_dir, 'a.csv').write_text(str(k))")
+    log = []
+    kw = {"figures_dir": tmp_path / "figures", "runs_dir": tmp_path / "runs", "notebooks_dir": folder,
+          "progress": False, "log": log.append}
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 2}, **kw) == 0
+    log.clear()
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 2}, only="1", resume=True, **kw) == 0
+    assert "[t] 01_ok ..." in log and not any("current" in line for line in log)
+    assert (tmp_path / "figures" / "a.csv").read_text() == "2"
+
+
+def test_main_says_what_is_wrong_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: .*no-such-profile"):
+        runner.main(["--profile", "no-such-profile", "--figures", str(tmp_path / "f"), "--runs", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match=r"^error: .*not_a_setting"):
+        runner.main(["--set", "not_a_setting=1", "--figures", str(tmp_path / "f"), "--runs", str(tmp_path / "r")])
