@@ -168,3 +168,19 @@ def test_evaluate_and_the_grid_refuse_what_does_not_fit():
         grid_accuracy(features, labels, features, labels, head, [1], [])
     with pytest.raises(TypeError, match="grid_accuracy takes counts for k and k'"):
         grid_accuracy(features, labels, features, labels, head, [1, 0.5], [2])
+
+
+def test_compact_path_with_sets_of_every_size_equals_the_masked_path():
+    """Classes with 0, 1 and all features: the compact path gathers exactly the set of each (an empty set: the bias)."""
+    torch.manual_seed(0)
+    head = nn.Linear(5, 3).double()
+    mask = torch.tensor([[False] * 5, [False, False, False, True, False], [True] * 5])
+    decomposed = DecomposedHead(head, mask)
+    phi = torch.randn(7, 5, dtype=torch.float64)
+    expected = torch.stack([head.bias[0].expand(7), phi[:, 3] * head.weight[1, 3] + head.bias[1],
+                            phi @ head.weight[2] + head.bias[2]], 1)
+    assert torch.allclose(decomposed(phi), expected) and torch.allclose(decomposed.forward_compact(phi), expected)
+    assert decomposed.multiply_adds == 6
+    assert torch.allclose(decomposed.decomposed_softmax(phi), expected.softmax(-1))
+    no_bias = DecomposedHead(nn.Linear(5, 3, bias=False).double(), mask)
+    assert torch.equal(no_bias.bias, torch.zeros(3, dtype=torch.float64))

@@ -203,3 +203,16 @@ def test_triton_is_imported_only_for_cuda_features():
              "assert not gpu_kernel_takes(x) and 'triton' not in sys.modules, sorted(sys.modules)[:5]\n")
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_index_sets_from_histograms_by_hand():
+    """select_indices: the k' most counted (lower index first among equal counts), or the fewest most counted
+    holding a fraction of the class's picks."""
+    from classfilters.influence import select_indices
+    h = torch.tensor([[5, 3, 2, 0], [2, 3, 3, 0], [0, 0, 0, 4]])
+    assert select_indices(h, 1) == [[0], [1], [3]]
+    assert select_indices(h, 2) == [[0, 1], [1, 2], [3, 0]]
+    assert select_indices(h, 4) == [[0, 1, 2, 3], [1, 2, 0, 3], [3, 0, 1, 2]]
+    assert select_indices(h, 0.5) == [[0], [1, 2], [3]]    # 5 of 10; 3 + 3 of 8 (3 alone is 37.5 %); 4 of 4
+    assert select_indices(h, 0.6) == [[0, 1], [1, 2], [3]]
+    assert select_indices(h, 1.0) == [[0, 1, 2], [1, 2, 0], [3]]
