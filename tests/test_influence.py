@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,7 +202,10 @@ def test_triton_is_imported_only_for_cuda_features():
              "from classfilters.influence import gpu_kernel_takes\n"
              "x = torch.rand(20, 8)\ninfluential_features(x, torch.arange(20) % 2, 3, 3)\n"
              "assert not gpu_kernel_takes(x) and 'triton' not in sys.modules, sorted(sys.modules)[:5]\n")
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, check=False)
+    import classfilters
+    env = {**os.environ, "PYTHONPATH": str(Path(classfilters.__file__).parents[1])}  # this checkout's library
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, check=False,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
