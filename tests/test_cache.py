@@ -7,7 +7,9 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,10 +45,11 @@ def test_an_entry_round_trips_exactly_and_leaves_no_temporary(folder):
 
 
 def test_the_key_text_holds_the_format_and_ignores_the_order_of_fields():
-    assert cache.key_text({"b": 1, "a": [1, 2]}) == f'{{"a": [1, 2], "b": 1, "format": {cache.CACHE_FORMAT}}}'
+    assert cache.key_text({"b": 1, "a": [1, 2]}) == '{"a": [1, 2], "b": 1, "format": 2}'
+    assert cache.key_text({"p": Path("/x/y")}) == '{"format": 2, "p": "/x/y"}'  # paths and the like as text
     assert cache.key_hash({"b": 1, "a": 2}) == cache.key_hash({"a": 2, "b": 1})
-    assert cache.key_hash({"a": 1}) != cache.key_hash({"a": "1"}) != cache.key_hash({"a": 1, "b": None})
-    assert len(cache.key_hash({})) == 24
+    assert len({cache.key_hash({"a": 1}), cache.key_hash({"a": "1"}), cache.key_hash({"a": 1, "b": None})}) == 3
+    assert cache.key_hash({}) == hashlib.sha256(b'{"format": 2}').hexdigest()[:24]
 
 
 def test_an_entry_written_for_another_key_is_a_miss(folder):
@@ -136,17 +139,37 @@ def test_temporaries_are_removed_by_owner_and_age(tmp_path, monkeypatch):
     dead_here = aged(tmp_path / f".{host}.{dead_pid}.abc.tmp", 0)
     live_here = aged(tmp_path / f".{host}.{os.getpid()}.abc.tmp", 0)
     dead_there_fresh = aged(tmp_path / f".{other}.{dead_pid}.abc.tmp", 0)  # another host's: only age counts
-    dead_there_old = aged(tmp_path / f".{other}.{dead_pid}.abd.tmp", cache.STALE_SECONDS + 60)
-    probe_young = aged(tmp_path / ".probe-abc", cache.STALE_SECONDS - 60)
-    probe_old = aged(tmp_path / ".probe-abd", cache.STALE_SECONDS + 60)
-    not_ours = aged(tmp_path / ".tmpTOOLONG1", cache.STALE_SECONDS + 60)  # not a 6-character safetensors name
-    entry = aged(tmp_path / "abc.safetensors", cache.STALE_SECONDS + 60)
+    dead_there_old = aged(tmp_path / f".{other}.{dead_pid}.abd.tmp", 3660)
+    probe_young = aged(tmp_path / ".probe-abc", 3540)
+    probe_old = aged(tmp_path / ".probe-abd", 3660)
+    not_ours = aged(tmp_path / ".tmpTOOLONG1", 3660)  # not a 6-character safetensors name
+    entry = aged(tmp_path / "abc.safetensors", 3660)
     removed = cache.remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted([dead_here, dead_there_old, probe_old])
     assert all(p.exists() for p in (live_here, dead_there_fresh, probe_young, not_ours, entry))
-    later = time.time() + cache.STALE_SECONDS + 1
-    assert sorted(cache.remove_stale_temporaries(tmp_path, now=later)) == sorted([dead_there_fresh, probe_young,
-                                                                                   live_here])
+    t = 1_000_000_000  # an hour exactly is not yet stale; a second more is
+    os.utime(live_here, (t, t))
+    assert cache.remove_stale_temporaries(tmp_path, now=t + 3600) == [] and live_here.exists()
+    assert cache.remove_stale_temporaries(tmp_path, now=t + 3601) == [live_here]
+    later = time.time() + 3601
+    assert sorted(cache.remove_stale_temporaries(tmp_path, now=later)) == sorted([dead_there_fresh, probe_young])
+
+
+def test_our_temporaries_are_named_by_host_and_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path))
+    names = []
+
+    def record(tensors, filename, metadata=None):
+        names.append(os.path.basename(filename))
+        raise OSError(5, "stop here")
+    monkeypatch.setattr(cache, "save_file", record)
+    monkeypatch.setattr(cache.socket, "gethostname", lambda: "node-1.cluster" + "x" * 60)
+    with pytest.warns(cache.CacheWarning):
+        cache.save("features", {"k": 1}, {"f": torch.ones(1)})
+    match = cache._OUR_TEMP.match(names[0])
+    assert match and match["host"] == "node-1_cluster" + "x" * 26 and match["pid"] == str(os.getpid())
+    monkeypatch.setattr(cache.socket, "gethostname", lambda: "")
+    assert cache._host() == "host"
 
 
 def test_a_process_we_may_not_signal_is_alive(tmp_path, monkeypatch):
@@ -159,22 +182,26 @@ def test_a_process_we_may_not_signal_is_alive(tmp_path, monkeypatch):
 
 def test_a_folder_that_cannot_be_listed_or_a_vanished_temporary_is_skipped(tmp_path, monkeypatch):
     assert cache.remove_stale_temporaries(tmp_path / "missing") == []
-    vanishing = aged(tmp_path / ".tmpAbC123", cache.STALE_SECONDS + 60)
-    real_stat = type(vanishing).stat
+    vanishing = aged(tmp_path / ".tmpAbC123", 3660)
+    after = aged(tmp_path / ".tmpXyZ789", 3660)
+    monkeypatch.setattr(cache.os, "listdir", lambda folder: [vanishing.name, after.name])  # in this order
+    real_stat, stats = type(vanishing).stat, []
 
     def gone(self, **kwargs):
+        stats.append(self.name)
         if self.name == vanishing.name:
             raise FileNotFoundError(2, "gone")
         return real_stat(self, **kwargs)
     monkeypatch.setattr(type(vanishing), "stat", gone)
-    assert cache.remove_stale_temporaries(tmp_path) == []
+    assert cache.remove_stale_temporaries(tmp_path) == [after]  # the next one is still looked at
+    assert stats == [vanishing.name, after.name]
 
 
 def test_a_cache_path_that_is_a_file_is_said_once(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("x")
     monkeypatch.setenv("CLASSFILTERS_CACHE", str(blocked))
-    with pytest.warns(cache.CacheWarning, match=f"{blocked}.* cannot be written .*CLASSFILTERS_CACHE") as caught:
+    with pytest.warns(cache.CacheWarning, match=f"{re.escape(str(blocked))}.* cannot be written .*CLASSFILTERS_CACHE") as caught:
         assert cache.writable("features") is False
         assert cache.writable("models") is False
         assert cache.save("features", {"k": 1}, {"f": torch.ones(1)}) is None
@@ -186,8 +213,9 @@ def test_a_cache_path_that_is_a_file_is_said_once(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------
 # Code hashes: they change when what the code computes changes, and only then
 
-def module_from(tmp_path, name, text):
-    path = tmp_path / f"{name}.py"
+def module_from(folder, name, text):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -196,13 +224,16 @@ def module_from(tmp_path, name, text):
 
 
 def test_a_function_is_identified_by_its_code_constants_defaults_and_closure(tmp_path):
-    a = module_from(tmp_path, "va", "def f(x, scale=2):\n    return x * scale + 1\n")
-    b = module_from(tmp_path, "vb", "def f(x, scale=2):\n    return x * scale + 1\n")
-    c = module_from(tmp_path, "va", "def f(x, scale=2):\n    return x * scale + 3\n")
-    d = module_from(tmp_path, "va", "def f(x, scale=5):\n    return x * scale + 1\n")
-    again = module_from(tmp_path, "va", "def f(x, scale=2):\n    return x * scale + 1\n")
-    ids = [cache.code_identity(m.f) for m in (a, b, c, d)]
-    assert len(set(ids)) == 4 and cache.code_identity(again.f) == ids[0]  # the module's name counts too
+    versions = {"a": "def f(x, scale=2):\n    return x * scale + 1\n",
+                "constant": "def f(x, scale=2):\n    return x * scale + 3\n",
+                "operator": "def f(x, scale=2):\n    return x - scale + 1\n",
+                "default": "def f(x, scale=5):\n    return x * scale + 1\n",
+                "comment": "def f(x, scale=2):\n    return x * scale + 1  # the source itself counts\n"}
+    ids = {name: cache.code_identity(module_from(tmp_path / name, "same_name", text).f)
+           for name, text in versions.items()}
+    assert len(set(ids.values())) == len(versions)
+    assert cache.code_identity(module_from(tmp_path / "again", "same_name", versions["a"]).f) == ids["a"]
+    assert cache.code_identity(module_from(tmp_path / "other", "other_name", versions["a"]).f) != ids["a"]
 
     def make(offset):
         return lambda x: x + offset
@@ -241,15 +272,15 @@ def test_a_module_is_identified_by_its_classes_code_and_settings_not_its_weights
     text = ("import torch\nclass Block(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
             "        self.conv = torch.nn.Conv2d(1, 2, 3)\n        self.pool = torch.nn.AvgPool2d(2)\n"
             "        self.act = torch.relu\n    def forward(self, x):\n        return self.pool(self.act(self.conv(x)))\n")
-    a = module_from(tmp_path, "blocks", text).Block()
-    b = module_from(tmp_path, "blocks", text).Block()
+    a = module_from(tmp_path / "a", "blocks", text).Block()
+    b = module_from(tmp_path / "b", "blocks", text).Block()
     torch.nn.init.normal_(b.conv.weight)
     assert cache.code_identity(a) == cache.code_identity(b)  # other weights, same computation
     b.pool.kernel_size = 3
     assert cache.code_identity(a) != cache.code_identity(b)  # a setting
-    c = module_from(tmp_path, "blocks", text.replace("self.act = torch.relu", "self.act = torch.sigmoid")).Block()
+    c = module_from(tmp_path / "c", "blocks", text.replace("self.act = torch.relu", "self.act = torch.sigmoid")).Block()
     assert cache.code_identity(a) != cache.code_identity(c)  # a callable setting
-    d = module_from(tmp_path, "blocks", text.replace("self.pool(self.act(", "self.pool(-self.act(")).Block()
+    d = module_from(tmp_path / "d", "blocks", text.replace("self.pool(self.act(", "self.pool(-self.act(")).Block()
     assert cache.code_identity(a) != cache.code_identity(d)  # the forward's code
 
 
@@ -290,8 +321,13 @@ def test_file_and_folder_digests(tmp_path):
     assert cache.folder_digest(root, (".jpg",)) == expected  # suffixes compared in lower case
     other.write_text("changed")
     assert cache.folder_digest(root, (".jpg",)) == expected  # other files do not count
-    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
     assert cache.folder_digest(root, (".jpg",)) != expected
     (root / "a" / "y.jpg").mkdir()  # a folder with a matching name is not a file
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert cache.folder_digest(root, (".jpg",)) == expected
+    second = root / "0.jpg"  # two files: in path order
+    second.write_bytes(b"345")
+    st2 = second.stat()
+    assert cache.folder_digest(root, (".jpg", ".png")) == hashlib.sha256(
+        f"0.jpg|3|{st2.st_mtime_ns}\na/x.JPG|2|{st.st_mtime_ns}\n".encode()).hexdigest()

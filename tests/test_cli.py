@@ -136,9 +136,9 @@ def test_every_bad_argument_is_said_in_order(tmp_path):
                        "--batch-size", "0", "--train-epochs", "0", "--checkpoint", str(tmp_path / "missing.th"),
                        "--device", "warp-drive", "--out", str(tmp_path)])
     errors = validate(args)
-    assert len(errors) == 8
-    assert "--k" in errors[0] and "--k-prime" in errors[1]
-    assert errors[2:] == [
+    assert errors == [
+        "--k=0 is out of range: a count must lie between 1 and D (or give a fraction of mass in (0, 1], e.g. 0.9)",
+        "--k-prime=1.5 is out of range: a fraction of mass must lie in (0, 1] (or give a count, e.g. 5)",
         "--batch-size 0: must be at least 1",
         "--train-epochs 0: must be at least 1 (an untrained model gives meaningless features; pass --checkpoint or "
         "--pretrained for given weights)",
@@ -159,7 +159,7 @@ def test_train_epochs_with_given_weights_is_refused(tmp_path):
     assert validate(parsed("--checkpoint", str(checkpoint))) == []
 
 
-def test_dataset_specs(tmp_path):
+def test_dataset_specs(tmp_path, monkeypatch):
     from classfilters.cli import _dataset_errors
     assert _dataset_errors("digits") == [] and _dataset_errors("cifar10") == []
     assert _dataset_errors(f"imagefolder:{tmp_path}") == [] and _dataset_errors(f"cifar10:{tmp_path}") == []
@@ -171,6 +171,9 @@ def test_dataset_specs(tmp_path):
         assert _dataset_errors(spec) == [f"--dataset {spec}: imagefolder needs a path, e.g. imagefolder:/data/imagenet"]
     assert _dataset_errors(f"imagefolder:{tmp_path / 'gone'}") == [
         f"--dataset imagefolder:{tmp_path / 'gone'}: {tmp_path / 'gone'} does not exist"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    assert _dataset_errors("imagefolder:~/data") == []  # ~ is the home folder
 
 
 def test_device_names(monkeypatch):
@@ -188,18 +191,33 @@ def test_device_names(monkeypatch):
     assert _device_errors("xpu") == ["--device xpu: no xpu device is available here"]
     monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
     assert _device_errors("xpu:0") == []
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: False)
     assert _device_errors("mps") == ["--device mps: no mps device is available here"]
 
 
-def test_output_paths(tmp_path):
+def test_output_paths(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
     from classfilters.cli import _out_errors
     assert _out_errors(None) == [] and _out_errors(tmp_path / "new" / "deeper" / "r.json") == []
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert _out_errors(a_file) == []  # overwritten
-    assert _out_errors(a_file / "r.json") == [f"--out {a_file / 'r.json'}: cannot be written (check the folder's "
-                                              "permissions)"]
+    said = f"--out {a_file / 'r.json'}: cannot be written (check the folder's permissions)"
+    assert _out_errors(a_file / "r.json") == [said]
+    import classfilters.cli as cli
+    asked = []
+
+    def refuse(path, mode):  # as for a folder or file we may not write (root may write anything)
+        asked.append((Path(path), mode))
+        return False
+    monkeypatch.setattr(cli.os, "access", refuse)
+    assert _out_errors(tmp_path / "r.json") == [f"--out {tmp_path / 'r.json'}: cannot be written (check the folder's "
+                                                "permissions)"]
+    assert asked == [(tmp_path, os.W_OK | os.X_OK)]
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != a_file)  # the folder yes, the file no
+    assert _out_errors(a_file) == [f"--out {a_file}: cannot be written (check the folder's permissions)"]
 
 
 # --------------------------------------------------------------------------------------
@@ -268,5 +286,5 @@ def test_warnings_are_printed_as_one_line(tmp_path, capsys, monkeypatch):
     blocked.write_text("x")
     monkeypatch.setenv("CLASSFILTERS_CACHE", str(blocked))
     assert main(checkpoint_file(tmp_path)) == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert warned and warned[0].startswith(f"python -m classfilters: warning: the cache folder {blocked}")
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith(f"python -m classfilters: warning: the cache folder {blocked}") for line in err)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,21 +23,26 @@ def sha(data: bytes) -> str:
 def test_file_and_source_hashes(tmp_path):
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
-    (pkg / "b.py").write_text("B")
+    (pkg / "z.py").write_text("Z")
     (pkg / "sub" / "a.py").write_text("A")
     (pkg / "notes.txt").write_text("not code")
-    assert provenance.file_hash(pkg / "b.py") == sha(b"B")
-    assert provenance.source_hash(pkg) == sha(b"b.py\0B\0" + b"sub/a.py\0A\0")
+    assert provenance.file_hash(pkg / "z.py") == sha(b"Z")
+    expected = sha(b"sub/a.py\0A\0" + b"z.py\0Z\0")  # in sorted order, whatever the folder's listing order
+    assert provenance.source_hash(pkg) == expected
     (pkg / "notes.txt").write_text("changed")
-    assert provenance.source_hash(pkg) == sha(b"b.py\0B\0" + b"sub/a.py\0A\0")
+    assert provenance.source_hash(pkg) == expected
     (pkg / "sub" / "a.py").rename(pkg / "sub" / "c.py")  # a renamed file changes it
-    assert provenance.source_hash(pkg) != sha(b"b.py\0B\0" + b"sub/a.py\0A\0")
+    assert provenance.source_hash(pkg) == sha(b"sub/c.py\0A\0" + b"z.py\0Z\0")
 
 
 @pytest.fixture
-def repo(tmp_path):
+def repo(tmp_path, monkeypatch):
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
+    for name in ("GIT_DIR", "GIT_INDEX_FILE", "GIT_WORK_TREE"):  # as when the tests run from a git hook
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)  # no signing, hooks or other settings of the user's
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     root = tmp_path / "repo"
     for folder in ("lib", "notebooks", "profiles", "docs"):
         (root / folder).mkdir(parents=True)
@@ -82,12 +89,17 @@ def test_a_checkout_without_the_git_program_falls_back(repo, monkeypatch):
     monkeypatch.setattr(provenance.subprocess, "run", no_git)
     monkeypatch.setenv("CLASSFILTERS_COMMIT", "feedbee")
     assert provenance.git_commit(repo) == ("feedbee", None)
+    monkeypatch.delenv("CLASSFILTERS_COMMIT")
+    said = []
+    assert provenance.git_commit(repo, said.append) == ("unknown", None)
+    assert len(said) == 1 and "is a git checkout but git could not name its HEAD" in said[0]
 
 
 def test_settings_digests_and_carried_records():
     values = {"k": 5, "models": ["a", "b"]}
-    digest = sha(json.dumps(values, sort_keys=True).encode())[:16]
+    digest = sha(b'{"k": 5, "models": ["a", "b"]}')[:16]
     assert provenance.settings_digest(values) == digest == provenance.settings_digest({"models": ["a", "b"], "k": 5})
+    assert provenance.settings_digest({"p": Path("/a")}) == sha(b'{"p": "/a"}')[:16]  # paths as text
     assert provenance.settings_digest({**values, "k": 6}) != digest
     assert provenance.carried({}) == ({}, {})
     old = {"profile_values": values, "notebooks": {"01": {"status": "ok"}, "02": {"status": "ok", "settings": "x1"}},
@@ -108,9 +120,11 @@ def test_entry_state_records_only_this_runs_outputs(tmp_path):
     os.utime(old, (time.time() - 100, time.time() - 100))
     started = time.time() - 10
     (out / "new.csv").write_text("new")
+    (out / "at_start.csv").write_text("s")
+    os.utime(out / "at_start.csv", (started, started))  # written as the notebook started: its output
     (out / "provenance.json").write_text("{}")
     entry = provenance.entry_state({"git_commit": "c", "source_hash": "s"}, notebook, out, started)
-    assert entry["outputs"] == {"new.csv": sha(b"new")}
+    assert entry["outputs"] == {"at_start.csv": sha(b"s"), "new.csv": sha(b"new")}
     assert (entry["commit"], entry["source_hash"], entry["notebook_hash"]) == ("c", "s", sha(b"{}"))
     assert entry["device"] == provenance.device_name() and entry["finished"].endswith("+00:00")
 
@@ -151,12 +165,19 @@ def test_reading_and_writing_records(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    before = os.umask(0o027)
+    try:
+        provenance.write(tmp_path / "other.json", {})
+        assert (tmp_path / "other.json").stat().st_mode & 0o777 == 0o640 and os.umask(before) == 0o027
+    finally:
+        os.umask(before)
+    (tmp_path / "other.json").unlink()
     with pytest.raises(TypeError):
         provenance.write(path, {"a": object()})  # not JSON: the old file stays, no temporary is left
     assert provenance.read(path) == {"a": [1, 2]} and sorted(p.name for p in tmp_path.iterdir()) == ["provenance.json"]
     for bad, why in ((b"{not json", "corrupt"), (b"[1, 2]", r"corrupt \(not a JSON object\)"), (b"\xff\xfe", "corrupt")):
         path.write_bytes(bad)
-        with pytest.raises(ValueError, match=f"{path}.* {why}.*delete it, or run without --resume / --only"):
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))}.* {why}.*delete it, or run without --resume / --only"):
             provenance.read(path)
 
 
@@ -193,10 +214,16 @@ def test_cpu_info_reads_the_first_processor(monkeypatch):
 
 
 def test_device_names_and_versions(monkeypatch):
+    import platform
+
     import torch
+
+    from classfilters import device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(provenance, "cpu_info", lambda: {"name": "Chip", "family": 6, "model": 143})
-    name = provenance.device_name()
-    assert name.startswith(f"cpu: Chip (family 6, model 143; {os.cpu_count()} cores; ") and name.endswith("bf16)")
+    for native, said in ((True, "native bf16"), (False, "no native bf16")):
+        monkeypatch.setattr(device, "native_cpu_bf16", lambda native=native: native)
+        assert provenance.device_name() == f"cpu: Chip (family 6, model 143; {os.cpu_count()} cores; {said})"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -207,3 +234,4 @@ def test_device_names_and_versions(monkeypatch):
     assert out["numpy"] == numpy.__version__ and "no-such-package-here" not in out
     assert out["torch"] == torch.__version__ and out["cuda"] == torch.version.cuda
     assert out["classfilters"] == __import__("classfilters").__version__
+    assert out["python"] == platform.python_version()

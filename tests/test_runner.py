@@ -70,7 +70,7 @@ def test_a_notebook_gets_exactly_what_its_parameters_cell_declares(tmp_path):
 
 def test_a_failing_notebook_stops_the_run_with_its_error_recorded(tmp_path):
     folder = tmp_path / "nbs"
-    notebook(folder, "01_ok.ipynb", "from pathlib import Path\nPath(out_dir, 'a.csv').write_text('a')")
+    notebook(folder, "01_ok.ipynb", "import os\nfrom pathlib import Path\nPath(out_dir, 'a.csv').write_text(os.getcwd())")
     notebook(folder, "02_fails.ipynb", "1 / 0")
     notebook(folder, "03_never.ipynb", "from pathlib import Path\nPath(out_dir, 'c.csv').write_text('c')")
     log = []
@@ -86,6 +86,12 @@ def test_a_failing_notebook_stops_the_run_with_its_error_recorded(tmp_path):
     assert failed["status"] == "failed" and failed["error"] == "ZeroDivisionError: division by zero"
     assert "03_never" not in prov["notebooks"] and not (tmp_path / "figures" / "c.csv").exists()
     assert (tmp_path / "runs" / "profile.yaml").is_file()
+    assert (tmp_path / "figures" / "a.csv").read_text() == str(runner.repo_root())  # kernels run in the repository
+    assert 0 <= failed["seconds"] < 600 and 0 <= prov["total_seconds_this_run"] < 600
+    assert failed["seconds"] <= prov["total_seconds_this_run"]
+    from classfilters import provenance
+    assert (prov["profile"], prov["device"], prov["libraries"]) == ("t", provenance.device_name(), provenance.versions())
+    assert prov["profile_values"]["name"] == "t" and prov["source_hash"] == provenance.source_hash()
     log.clear()  # --resume runs the failed one again (and what follows), not the one that succeeded
     assert runner.run_notebooks("demo", overrides={"name": "t"}, resume=True, **kw) == 1
     assert "01_ok: current" in "\n".join(log) and "02_fails: run again (last status failed)" in "\n".join(log)
@@ -109,3 +115,27 @@ def test_main_says_what_is_wrong_in_one_line(tmp_path):
         runner.main(["--profile", "no-such-profile", "--figures", str(tmp_path / "f"), "--runs", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match=r"^error: .*not_a_setting"):
         runner.main(["--set", "not_a_setting=1", "--figures", str(tmp_path / "f"), "--runs", str(tmp_path / "r")])
+
+
+def test_a_notebook_with_unknown_parameters_is_recorded_as_failed(tmp_path):
+    folder = tmp_path / "nbs"
+    notebook(folder, "01_bad.ipynb", "pass", params="profile = 'demo'\nout_dir = None\nkk = 1")
+    log = []
+    assert runner.run_notebooks("demo", overrides={"name": "t"}, figures_dir=tmp_path / "figures",
+                                runs_dir=tmp_path / "runs", notebooks_dir=folder, progress=False, log=log.append) == 1
+    entry = json.loads((tmp_path / "figures" / "provenance.json").read_text())["notebooks"]["01_bad"]
+    assert entry["status"] == "failed" and entry["error"].startswith("ValueError: 01_bad.ipynb: parameters ['kk']")
+
+
+def test_main_passes_every_option_on(tmp_path, monkeypatch):
+    seen = {}
+
+    def run(*args):
+        seen["args"] = args
+        return 3
+    monkeypatch.setattr(runner, "run_notebooks", run)
+    assert runner.main(["--profile", "p.yaml", "--only", "04", "--resume", "--set", "k=7", "--set", "train.epochs=2",
+                        "--figures", str(tmp_path / "f"), "--runs", str(tmp_path / "r")]) == 3
+    assert seen["args"] == ("p.yaml", "04", True, {"k": 7, "train": {"epochs": 2}}, tmp_path / "f", tmp_path / "r")
+    runner.main([])
+    assert seen["args"] == ("demo", None, False, {}, None, None)

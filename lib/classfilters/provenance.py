@@ -20,7 +20,7 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
+import secrets
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -51,7 +51,8 @@ def git_commit(root: Path, log=print) -> tuple[str, bool | None]:
             return subprocess.run(["git", *args], check=False, cwd=root, capture_output=True, text=True).stdout.strip()
         except OSError:  # no git installed
             return ""
-    commit = git("rev-parse", "HEAD") if (root / ".git").exists() else ""
+    checkout = (root / ".git").exists()
+    commit = git("rev-parse", "HEAD") if checkout else ""
     if commit:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no", "notebooks", "profiles")
                      or git("status", "--porcelain", "--untracked-files=all", "lib"))
@@ -60,8 +61,10 @@ def git_commit(root: Path, log=print) -> tuple[str, bool | None]:
     if not commit and (root / "COMMIT").is_file():
         commit = (root / "COMMIT").read_text().strip()
     if not commit:
-        log(f"note: {root} is no git checkout and neither $CLASSFILTERS_COMMIT nor a COMMIT file names the "
-            f"commit: provenance records 'unknown' (the library's source hash still identifies the code)")
+        where = (f"{root} is a git checkout but git could not name its HEAD (no git program, or git refusing a "
+                 "checkout owned by another user)") if checkout else f"{root} is no git checkout"
+        log(f"note: {where}, and neither $CLASSFILTERS_COMMIT nor a COMMIT file names the commit: provenance "
+            f"records 'unknown' (the library's source hash still identifies the code)")
     return commit or "unknown", None
 
 
@@ -134,17 +137,15 @@ def read(path: Path) -> dict:
 
 
 def write(path: Path, record: dict) -> None:
-    """`record` as JSON at `path`, atomically: a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """`record` as JSON at `path`, atomically: a reader sees the old file or the new one, never half of one.
+    The temporary is created as any new file is (mode 0o666 less the umask), so the record is an ordinary file."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
             json.dump(record, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
