@@ -184,3 +184,15 @@ def test_compact_path_with_sets_of_every_size_equals_the_masked_path():
     assert torch.allclose(decomposed.decomposed_softmax(phi), expected.softmax(-1))
     no_bias = DecomposedHead(nn.Linear(5, 3, bias=False).double(), mask)
     assert torch.equal(no_bias.bias, torch.zeros(3, dtype=torch.float64))
+
+
+def test_weights_outside_the_sets_are_ignored_by_both_paths():
+    """Weights set outside I_c (by hand, or loaded) never reach a logit, in the masked path or the compact one."""
+    torch.manual_seed(1)
+    mask = torch.tensor([[True, False, False, False], [True, True, False, False], [False, False, False, True]])
+    decomposed = DecomposedHead(nn.Linear(4, 3).double(), mask)
+    with torch.no_grad():
+        decomposed.weight.copy_(torch.randn(3, 4, dtype=torch.float64))  # nonzero everywhere
+    phi = torch.randn(6, 4, dtype=torch.float64)
+    expected = phi @ (decomposed.weight * mask).T + decomposed.bias
+    assert torch.allclose(decomposed(phi), expected) and torch.allclose(decomposed.forward_compact(phi), expected)

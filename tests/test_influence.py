@@ -220,3 +220,15 @@ def test_index_sets_from_histograms_by_hand():
     assert select_indices(h, 0.5) == [[0], [1, 2], [3]]    # 5 of 10; 3 + 3 of 8 (3 alone is 37.5 %); 4 of 4
     assert select_indices(h, 0.6) == [[0, 1], [1, 2], [3]]
     assert select_indices(h, 1.0) == [[0, 1, 2], [1, 2, 0], [3]]
+
+
+def test_mass_of_rows_below_one_and_the_saved_layout(tmp_path):
+    """A row whose whole mass is below 1 (softmax-like features) still keeps its top entries; the JSON is indented
+    for people to read."""
+    scores = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    assert mass_mask(scores, 0.5).tolist() == [[True, False, False], [False, True, False]]
+    assert mass_mask(scores, 0.75).tolist() == [[True, True, False], [False, True, True]]
+    features, labels = planted()
+    path = tmp_path / "r.json"
+    influential_features(features, labels, 3, 2).save(path)
+    assert path.read_text().startswith('{\n "k": 3,\n "k_prime": 2,\n "rank_by": "value",')
