@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -201,34 +200,6 @@ def test_triton_is_imported_only_for_cuda_features():
     check = ("import sys, torch\nfrom classfilters import influential_features, tables\n"
              "from classfilters.influence import gpu_kernel_takes\n"
              "x = torch.rand(20, 8)\ninfluential_features(x, torch.arange(20) % 2, 3, 3)\n"
-             "assert not gpu_kernel_takes(x) and 'triton' not in sys.modules, sorted(sys.modules)[:5]\n")
-    import classfilters
-    env = {**os.environ, "PYTHONPATH": str(Path(classfilters.__file__).parents[1])}  # this checkout's library
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, check=False,
-                          env=env)
+             "assert not gpu_kernel_takes(x) and 'triton' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def test_index_sets_from_histograms_by_hand():
-    """select_indices: the k' most counted (lower index first among equal counts), or the fewest most counted
-    holding a fraction of the class's picks."""
-    from classfilters.influence import select_indices
-    h = torch.tensor([[5, 3, 2, 0], [2, 3, 3, 0], [0, 0, 0, 4]])
-    assert select_indices(h, 1) == [[0], [1], [3]]
-    assert select_indices(h, 2) == [[0, 1], [1, 2], [3, 0]]
-    assert select_indices(h, 4) == [[0, 1, 2, 3], [1, 2, 0, 3], [3, 0, 1, 2]]
-    assert select_indices(h, 0.5) == [[0], [1, 2], [3]]    # 5 of 10; 3 + 3 of 8 (3 alone is 37.5 %); 4 of 4
-    assert select_indices(h, 0.6) == [[0, 1], [1, 2], [3]]
-    assert select_indices(h, 1.0) == [[0, 1, 2], [1, 2, 0], [3]]
-
-
-def test_mass_of_rows_below_one_and_the_saved_layout(tmp_path):
-    """A row whose whole mass is below 1 (softmax-like features) still keeps its top entries; the JSON is indented
-    for people to read."""
-    scores = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
-    assert mass_mask(scores, 0.5).tolist() == [[True, False, False], [False, True, False]]
-    assert mass_mask(scores, 0.75).tolist() == [[True, True, False], [False, True, True]]
-    features, labels = planted()
-    path = tmp_path / "r.json"
-    influential_features(features, labels, 3, 2).save(path)
-    assert path.read_text().startswith('{\n "k": 3,\n "k_prime": 2,\n "rank_by": "value",')
