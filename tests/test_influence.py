@@ -203,3 +203,15 @@ def test_triton_is_imported_only_for_cuda_features():
              "assert not gpu_kernel_takes(x) and 'triton' not in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_mass_of_rows_below_one_and_the_saved_layout(tmp_path):
+    """A row whose whole mass is below 1 (softmax-like features) still keeps its top entries; the JSON is indented
+    for people to read."""
+    scores = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    assert mass_mask(scores, 0.5).tolist() == [[True, False, False], [False, True, False]]
+    assert mass_mask(scores, 0.75).tolist() == [[True, True, False], [False, True, True]]
+    features, labels = planted()
+    path = tmp_path / "r.json"
+    influential_features(features, labels, 3, 2).save(path)
+    assert path.read_text().startswith('{\n "k": 3,\n "k_prime": 2,\n "rank_by": "value",')
