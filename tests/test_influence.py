@@ -215,3 +215,16 @@ def test_mass_of_rows_below_one_and_the_saved_layout(tmp_path):
     path = tmp_path / "r.json"
     influential_features(features, labels, 3, 2).save(path)
     assert path.read_text().startswith('{\n "k": 3,\n "k_prime": 2,\n "rank_by": "value",')
+
+
+def test_index_sets_from_histograms_by_hand():
+    """select_indices: the k' most counted (lower index first among equal counts), or the fewest most counted
+    holding a fraction of the class's picks."""
+    from classfilters.influence import select_indices
+    h = torch.tensor([[5, 3, 2, 0], [2, 3, 3, 0], [0, 0, 0, 4]])
+    assert select_indices(h, 1) == [[0], [1], [3]]
+    assert select_indices(h, 2) == [[0, 1], [1, 2], [3, 0]]
+    assert select_indices(h, 4) == [[0, 1, 2, 3], [1, 2, 0, 3], [3, 0, 1, 2]]
+    assert select_indices(h, 0.5) == [[0], [1, 2], [3]]    # 5 of 10; 3 + 3 of 8 (3 alone is 37.5 %); 4 of 4
+    assert select_indices(h, 0.6) == [[0, 1], [1, 2], [3]]
+    assert select_indices(h, 1.0) == [[0, 1, 2], [1, 2, 0], [3]]
