@@ -8,10 +8,12 @@ tests that reach it. A mutant the tests still pass ("survived") is a bug they wo
     python benchmarks/mutate.py                        # every module below (an hour or more on 2 cores)
     python benchmarks/mutate.py --modules overlap      # one module
     python benchmarks/mutate.py --keep /tmp/mut        # keep the scratch copy (then `mutmut browse` there)
+    python benchmarks/mutate.py --keep /tmp/mut --recheck   # that run's survivors against the tests as they are now
 
 Writes `benchmarks/results/mutation.json`: per module the mutants killed, survived, timed out and
 not covered, the score (killed / (killed + survived + no tests)), the surviving mutants' names, and
-the commit and machine of the run that measured that module. Survivors are reviewed in `benchmarks/README.md`: killed by a new test or
+the commit and machine of the run that measured that module; after `--recheck`, the survivors killed since by
+new tests and the score counting them (with the commit of the tests). Survivors are reviewed in `benchmarks/README.md`: killed by a new test or
 explained as equivalent. Not run in CI (too slow on 2 cores).
 """
 from __future__ import annotations
@@ -99,6 +101,32 @@ def summarise(found: dict[str, str], modules: list[str]) -> dict:
     return out
 
 
+def recheck(scratch: Path, modules: list[str], found: dict[str, str], env: dict) -> dict:
+    """The survivors of a kept run against the current tests: each mutant switched on (MUTANT_UNDER_TEST) with the
+    mutated sources first on the path, its module's test files run (stopping at the first failure). Per module:
+    the mutants killed since, those still surviving, and the score with them counted."""
+    tests = scratch / "mutants" / "tests"
+    shutil.rmtree(tests, ignore_errors=True)
+    shutil.copytree(REPO / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
+    out = {}
+    for module in modules:
+        names = sorted(n for n, s in found.items() if n.startswith(f"classfilters.{module}.") and s == "survived")
+        selection = [f"tests/{t}" for t in MODULES[module]]
+        killed = []
+        for name in names:
+            run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
+                                 cwd=scratch / "mutants", capture_output=True, check=False,
+                                 env={**env, "PYTHONPATH": "src", "MUTANT_UNDER_TEST": name})
+            if run.returncode != 0:
+                killed.append(name)
+        counts = Counter(s for n, s in found.items() if n.startswith(f"classfilters.{module}."))
+        scored = counts["killed"] + counts["timeout"] + counts["survived"] + counts["no tests"]
+        out[module] = {"killed_since": killed, "still_surviving": [n for n in names if n not in killed],
+                       "score_with_recheck": round((counts["killed"] + counts["timeout"] + len(killed)) / scored, 4)
+                       if scored else None, "recheck_commit": commit()}
+    return out
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -112,8 +140,24 @@ def main(argv=None) -> int:
     p.add_argument("--modules", nargs="+", choices=sorted(MODULES), default=sorted(MODULES))
     p.add_argument("--keep", type=Path, help="stage here and keep it (default: a temporary folder, removed)")
     p.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--recheck", action="store_true",
+                   help="with --keep of an earlier run: run its survivors against the current tests (no new mutants)")
     args = p.parse_args(argv)
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="classfilters-mutate-"))
+    env = {**os.environ, "CLASSFILTERS_SHARED_DATA": os.environ.get("CLASSFILTERS_SHARED_DATA",
+                                                                     str(REPO.parent / "shared" / "data"))}
+    env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; nothing may shadow it
+    if args.recheck:
+        if not (args.keep and (scratch / "mutants").is_dir()):
+            raise SystemExit("--recheck needs --keep <folder of an earlier run>")
+        path = RESULTS / "mutation.json"
+        record = json.loads(path.read_text())
+        for module, r in recheck(scratch, args.modules, statuses(scratch), env).items():
+            record["modules"][module].update(r)
+            print(f"{module}: killed since {len(r['killed_since'])}, still surviving {len(r['still_surviving'])}, "
+                  f"score with them {r['score_with_recheck']}")
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        return 0
     if scratch.exists() and any(scratch.iterdir()) and not (scratch / "mutants").is_dir():
         raise SystemExit(f"{scratch} exists and is not an earlier mutation run: choose an empty folder")
     shutil.rmtree(scratch / "src", ignore_errors=True)
@@ -122,9 +166,6 @@ def main(argv=None) -> int:
         (scratch / name).unlink(missing_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
     stage(scratch, args.modules)
-    env = {**os.environ, "CLASSFILTERS_SHARED_DATA": os.environ.get("CLASSFILTERS_SHARED_DATA",
-                                                                     str(REPO.parent / "shared" / "data"))}
-    env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; nothing may shadow it
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)], cwd=scratch,
                    env=env, check=False)
     stamp = {"commit": commit(), "machine": machine()}  # per module: modules are measured in separate runs
