@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         path = RESULTS / "mutation.json"
         record = json.loads(path.read_text())
         for module, r in recheck(scratch, args.modules, statuses(scratch), env).items():
-            record["modules"][module].update(r)
+            record["modules"].setdefault(module, {}).update(r)
             print(f"{module}: killed since {len(r['killed_since'])}, still surviving {len(r['still_surviving'])}, "
                   f"score with them {r['score_with_recheck']}")
         path.write_text(json.dumps(record, indent=1) + "\n")
