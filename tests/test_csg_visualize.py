@@ -206,3 +206,26 @@ def test_streamed_splits_are_shuffled_whole_and_fetched_by_index():
         assert not torch.equal(got_labels, labels)  # shuffled
         index = torch.tensor([7, 2, 5])
         assert torch.equal(visualize.fetch_images(split, index), images[index])
+
+
+def test_an_untrained_model_fits_the_splits_classes_and_channels():
+    """CSG from scratch starts from a model with the split's classes and image channels (1 for grey images held in
+    memory, 3 for a streamed folder), seeded (0 unless said)."""
+    labels = torch.arange(6) % 3
+    grey = ImageSplit(labels, ["a", "b", "c"], "t", "t-v1", images=torch.zeros(6, 1, 8, 8, dtype=torch.uint8))
+    streamed = ImageSplit(labels, ["a", "b", "c"], "t", "t-v1",
+                          dataset=Streamed(torch.zeros(6, 3, 8, 8, dtype=torch.uint8), labels))
+    for split, channels in ((grey, 1), (streamed, 3)):
+        model = csg.untrained_model("resnet8", split)
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        assert model.num_classes == 3 and model.head.out_features == 3 and first.in_channels == channels
+    seeded = csg.untrained_model("resnet8", grey, seed=0)
+    assert torch.equal(csg.untrained_model("resnet8", grey).head.weight, seeded.head.weight)
+
+
+def test_gate_masks_are_boolean_and_ties_go_to_the_lower_index():
+    gates = torch.tensor([[0.5, 0.2], [0.5, 0.2], [0.5, 0.9], [0.1, 0.2]])  # (D=4, C=2), ties in both columns
+    high, low = csg.gate_mask(gates, 2, "highest"), csg.gate_mask(gates, 2, "lowest")
+    assert high.dtype == torch.bool and low.dtype == torch.bool
+    assert high.tolist() == [[True, True, False, False], [True, False, True, False]]
+    assert low.tolist() == [[True, False, False, True], [True, True, False, False]]
