@@ -134,6 +134,19 @@ def test_csg_out_of_memory_goes_on_in_micro_batches(digits_model, monkeypatch, c
     assert g.min() >= 0 and g.max() <= 1 and not torch.equal(gated.model.head.weight, digits_model.head.weight)
 
 
+class Doubled(nn.Identity):
+    """No weights, like nn.Identity, but other code: the same fingerprint of weights, another computation."""
+    def forward(self, x):
+        return 2 * x
+
+
+def test_cached_csg_takes_train_csgs_defaults():
+    import inspect
+    train, cached = (inspect.signature(f).parameters for f in (csg.train_csg, csg.trained_csg))
+    assert {n: p.default for n, p in cached.items()} == {n: p.default for n, p in train.items()}
+    assert (train["lam"].default, train["gate_lr"].default, train["budget"].default) == (0.01, 0.01, 0.2)
+
+
 def test_csg_cache_returns_only_what_the_same_inputs_made(monkeypatch):
     """`trained_csg` is a cache hit for the same inputs (the same gates back) and trains anew when anything that
     changes the gates changes: lam, budget, the gates' rule or lr, the seed, the recipe, the starting weights, the
@@ -145,16 +158,27 @@ def test_csg_cache_returns_only_what_the_same_inputs_made(monkeypatch):
     real = csg.train_csg
     monkeypatch.setattr(csg, "train_csg", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     base = {"lam": 0.01, "gate_lr": 0.05, "device": "cpu"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     first = csg.trained_csg(model, split, recipe, **base)
     again = csg.trained_csg(model, split, recipe, **base)
     assert len(calls) == 1 and torch.equal(again.gates, first.gates)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model is untouched
+    csg.trained_csg(model, split, recipe, gate_lr=0.05, device="cpu")  # lam's default is 0.01: the same entry
+    assert len(calls) == 1
+    defaults = csg.trained_csg(model, split, recipe, device="cpu")     # gate_lr's default, 0.01: another one
+    assert len(calls) == 2 and torch.equal(csg.trained_csg(model, split, recipe, lam=0.01, gate_lr=0.01,
+                                                           device="cpu").gates, defaults.gates)
+    assert len(calls) == 2
+    calls.clear()
+    calls.append(1)
     assert not torch.equal(first.gates, torch.ones_like(first.gates))  # trained: the hit returned trained gates
     other_head = FeatureModel(nn.Identity(), nn.Linear(12, 4), name="planted")
     other_split = split.subset(torch.arange(0, len(split.labels), 2))
     changes = [({**base, "lam": 0.02}, model, split, recipe), ({**base, "budget": 0.5}, model, split, recipe),
                ({**base, "gate_rule": "row_max"}, model, split, recipe), ({**base, "gate_lr": 0.1}, model, split, recipe),
                ({**base, "seed": 1}, model, split, recipe), (base, model, split, dataclasses.replace(recipe, lr=2e-3)),
-               (base, other_head, split, recipe), (base, model, other_split, recipe)]
+               (base, other_head, split, recipe), (base, model, other_split, recipe),
+               (base, FeatureModel(Doubled(), model.head, name="planted"), split, recipe)]  # other forward code
     for n, (kw, m, s, r) in enumerate(changes, start=2):
         csg.trained_csg(m, s, r, **kw)
         assert len(calls) == n, kw
