@@ -182,6 +182,9 @@ def test_csg_cache_returns_only_what_the_same_inputs_made(monkeypatch):
     for n, (kw, m, s, r) in enumerate(changes, start=2):
         csg.trained_csg(m, s, r, **kw)
         assert len(calls) == n, kw
+    budget = {**base, "budget": 0.5}  # what the cache holds is what train_csg makes with every setting passed on
+    assert torch.equal(csg.trained_csg(model, split, recipe, **budget).gates, real(model, split, recipe, **budget).gates)
+    assert len(calls) == len(changes) + 1
     monkeypatch.setattr(csg, "SOURCE_DIGEST", "edited")
     csg.trained_csg(model, split, recipe, **base)
     assert len(calls) == len(changes) + 2
