@@ -332,9 +332,10 @@ def seeded_study(tmp_path, seed=2, other=7, weights="train"):
     return study, base, copy
 
 
-def test_seed_curves_evaluate_every_seed_of_every_trained_model_along_the_diagonal(tmp_path):
+def test_seed_curves_evaluate_every_seed_of_every_trained_model_along_the_diagonal(tmp_path, capsys):
     study, base, copy = seeded_study(tmp_path)
     curves = tables.seed_curves(study, [3, D + 1, 1], [2, 7])
+    assert f"note: k of resnet8 values [{D + 1}] dropped from the grid" in capsys.readouterr().out  # named per model
     assert list(curves.columns) == SEED_COLUMNS
     assert list(zip(curves.seed, curves.k)) == [(2, 1), (2, 3), (7, 1), (7, 3)]
     assert set(curves.model) == {"resnet8"} and set(curves.family) == {"ResNet (CIFAR)"}
