@@ -166,11 +166,13 @@ def main(argv=None) -> int:
         (scratch / name).unlink(missing_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
     stage(scratch, args.modules)
+    staged = commit()  # the code and tests measured (a commit made during the run is not theirs)
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)], cwd=scratch,
                    env=env, check=False)
-    stamp = {"commit": commit(), "machine": machine()}  # per module: modules are measured in separate runs
-    result = {"tool": "mutmut 3", "modules": {m: {**r, **stamp} for m, r in summarise(statuses(scratch),
-                                                                                      args.modules).items()}}
+    stamp = {"commit": staged, "machine": machine()}  # per module: modules are measured in separate runs
+    measured = {m: r for m, r in summarise(statuses(scratch), args.modules).items() if r["score"] is not None}
+    result = {"tool": "mutmut 3", "modules": {m: {**r, **stamp} for m, r in measured.items()}}  # an unreached
+    # module (a run stopped early) keeps its earlier record
     path = RESULTS / "mutation.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     merged = {**old, **result, "modules": {**old.get("modules", {}), **result["modules"]}}
