@@ -331,3 +331,13 @@ def test_file_and_folder_digests(tmp_path):
     st2 = second.stat()
     assert cache.folder_digest(root, (".jpg", ".png")) == hashlib.sha256(
         f"0.jpg|3|{st2.st_mtime_ns}\na/x.JPG|2|{st.st_mtime_ns}\n".encode()).hexdigest()
+
+
+def test_cache_warnings_point_at_the_caller(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path))
+    path = cache.entry_path("features", {"k": 1})
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\0" * 16)
+    with pytest.warns(cache.CacheWarning) as caught:
+        cache.load("features", {"k": 1})
+    assert caught[0].filename == __file__

@@ -256,3 +256,27 @@ def test_gate_masks_are_boolean_and_ties_go_to_the_lower_index():
     assert high.dtype == torch.bool and low.dtype == torch.bool
     assert high.tolist() == [[True, True, False, False], [True, False, True, False]]
     assert low.tolist() == [[True, False, False, True], [True, True, False, False]]
+
+
+def test_a_chunks_loss_is_its_share_of_the_batch_mean_through_the_path_asked():
+    """The gated path multiplies phi by G[:, y]; the standard path does not; a chunk of 3 images in a batch of 8
+    gives the sum of its 3 cross-entropies divided by 8."""
+    model, split = planted_csg_case()
+    gated = csg.GatedModel(model)
+    with torch.no_grad():
+        gated.gates.zero_()  # closed: the gated logits are the head's bias alone
+    x, labels = split.normalize(split.images[:3]), split.labels[:3]
+    standard = nn.functional.cross_entropy(model(x), labels, reduction="sum") / 8
+    closed = nn.functional.cross_entropy(model.head.bias.expand(3, -1), labels, reduction="sum") / 8
+    assert torch.allclose(csg._chunk_loss(gated, False, 8, False, x, labels), standard)
+    assert torch.allclose(csg._chunk_loss(gated, True, 8, False, x, labels), closed)
+    assert not torch.allclose(standard, closed)
+
+
+def test_csg_runs_without_the_sparsity_term_or_with_a_zero_budget():
+    model, split = planted_csg_case(n=8)
+    recipe = Recipe(epochs=1, batch_size=16, lr=1e-3, crop_padding=0, flip=False, weight_decay=0)
+    for lam, budget in ((0.0, 0.2), (0.01, 0.0)):
+        gated = csg.train_csg(model, split, recipe, lam=lam, budget=budget, device="cpu")
+        assert gated.gates.shape == (12, 4)
+
