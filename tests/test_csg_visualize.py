@@ -280,3 +280,20 @@ def test_csg_runs_without_the_sparsity_term_or_with_a_zero_budget():
         gated = csg.train_csg(model, split, recipe, lam=lam, budget=budget, device="cpu")
         assert gated.gates.shape == (12, 4)
 
+
+
+def test_image_correlation_is_pearsons_r_per_image_and_map():
+    """Against numpy's corrcoef over the pixels, for colour images (brightness: the channels' mean) and maps
+    whose means differ from image to image."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 5, 4), generator=gen, dtype=torch.uint8)
+    maps = torch.rand(3, 3, 5, 4, generator=gen) + torch.tensor([0.0, 5.0, -2.0])[:, None, None, None]
+    maps[1, 2] = images[1].float().mean(0) * 2 + 7  # a map that is the brightness, rescaled: r = 1
+    got = visualize.image_correlation(images, maps)
+    for n in range(3):
+        brightness = images[n].float().mean(0).flatten().numpy()
+        for m in range(3):
+            expected = np.corrcoef(brightness, maps[n, m].flatten().numpy())[0, 1]
+            assert got[n, m].item() == pytest.approx(expected, abs=1e-5)
+    assert got[1, 2].item() == pytest.approx(1.0, abs=1e-6)
