@@ -196,3 +196,14 @@ def test_weights_outside_the_sets_are_ignored_by_both_paths():
     phi = torch.randn(6, 4, dtype=torch.float64)
     expected = phi @ (decomposed.weight * mask).T + decomposed.bias
     assert torch.allclose(decomposed(phi), expected) and torch.allclose(decomposed.forward_compact(phi), expected)
+
+
+def test_relative_accuracy_is_nan_when_the_full_head_scores_nothing():
+    import math
+
+    import pandas as pd
+
+    from classfilters.decomposed import relative_accuracy
+    assert relative_accuracy(0.45, 0.9) == pytest.approx(0.5) and math.isnan(relative_accuracy(0.3, 0.0))
+    column = relative_accuracy(pd.Series([0.2, 0.4]), 0.0)
+    assert column.isna().all() and len(column) == 2

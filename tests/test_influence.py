@@ -228,3 +228,15 @@ def test_index_sets_from_histograms_by_hand():
     assert select_indices(h, 0.5) == [[0], [1, 2], [3]]    # 5 of 10; 3 + 3 of 8 (3 alone is 37.5 %); 4 of 4
     assert select_indices(h, 0.6) == [[0, 1], [1, 2], [3]]
     assert select_indices(h, 1.0) == [[0, 1, 2], [1, 2, 0], [3]]
+
+
+def test_the_dict_form_names_every_field_and_defaults_the_optional_ones():
+    """The JSON the CLI writes: exactly these keys; a dict without `rank_by` / `provenance` (older files) reads
+    as ranked by value with no provenance."""
+    features, labels = planted()
+    d = influential_features(features, labels, 3, 2).to_dict()
+    assert list(d) == ["k", "k_prime", "rank_by", "num_classes", "num_features", "indices", "histograms", "provenance"]
+    assert (d["num_classes"], d["num_features"]) == (6, 32)
+    minimal = {"indices": [[1], [0]], "histograms": [[0, 2], [3, 1]], "k": 1, "k_prime": 1}
+    back = InfluentialFeatures.from_dict(minimal)
+    assert back.rank_by == "value" and back.provenance == {} and back.histograms.dtype == torch.int64
