@@ -207,3 +207,16 @@ def test_relative_accuracy_is_nan_when_the_full_head_scores_nothing():
     assert relative_accuracy(0.45, 0.9) == pytest.approx(0.5) and math.isnan(relative_accuracy(0.3, 0.0))
     column = relative_accuracy(pd.Series([0.2, 0.4]), 0.0)
     assert column.isna().all() and len(column) == 2
+
+
+def test_bad_test_inputs_are_refused_naming_them():
+    features, labels = planted()
+    head, influence = random_head(32, 6), influential_features(features, labels, 2, 2)
+    bad = labels.clone()
+    bad[0] = 6  # not a class of the 6-class head
+    with pytest.raises(ValueError, match=r"labels of the test features must lie in \[0, 6\); found 0..6"):
+        evaluate(head, influence, features, bad)
+    spoiled = features.clone()
+    spoiled[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="test features"):
+        evaluate(head, influence, spoiled, labels)
