@@ -108,7 +108,7 @@ def recheck(scratch: Path, modules: list[str], found: dict[str, str], env: dict)
     tests = scratch / "mutants" / "tests"
     shutil.rmtree(tests, ignore_errors=True)
     shutil.copytree(REPO / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
-    out = {}
+    tested, out = commit(), {}
     for module in modules:
         names = sorted(n for n, s in found.items() if n.startswith(f"classfilters.{module}.") and s == "survived")
         selection = [f"tests/{t}" for t in MODULES[module]]
@@ -119,11 +119,11 @@ def recheck(scratch: Path, modules: list[str], found: dict[str, str], env: dict)
                                  env={**env, "PYTHONPATH": "src", "MUTANT_UNDER_TEST": name})
             if run.returncode != 0:
                 killed.append(name)
-        counts = Counter(s for n, s in found.items() if n.startswith(f"classfilters.{module}."))
-        scored = counts["killed"] + counts["timeout"] + counts["survived"] + counts["no tests"]
+        before = summarise(found, [module])[module]
+        scored = before["killed"] + before["timeout"] + before["survived"] + before["no tests"]
         out[module] = {"killed_since": killed, "still_surviving": [n for n in names if n not in killed],
-                       "score_with_recheck": round((counts["killed"] + counts["timeout"] + len(killed)) / scored, 4)
-                       if scored else None, "recheck_commit": commit()}
+                       "score_with_recheck": round((before["killed"] + before["timeout"] + len(killed)) / scored, 4)
+                       if scored else None, "recheck_commit": tested}
     return out
 
 

@@ -19,8 +19,8 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import secrets
+import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
