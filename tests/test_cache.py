@@ -80,6 +80,14 @@ def test_an_entry_replaced_while_it_is_read_gives_one_whole_version(folder, monk
     assert torch.equal(cache.load("features", key)["f"], torch.ones(4))  # the next read sees the new version
 
 
+def test_a_cache_folder_deleted_during_a_session_is_made_again(folder, recwarn):
+    import shutil
+    cache.save("features", {"x": 1}, {"f": torch.ones(2)})  # the folder is checked (and remembered) here
+    shutil.rmtree(folder / "features")
+    assert cache.save("features", {"x": 2}, {"f": torch.zeros(2)}) is not None and len(recwarn) == 0
+    assert torch.equal(cache.load("features", {"x": 2})["f"], torch.zeros(2))
+
+
 def test_an_unreadable_entry_is_warned_about_and_rewritten(folder):
     key = {"k": 1}
     path = cache.entry_path("features", key)

@@ -175,6 +175,7 @@ def save(kind: str, key: dict, tensors: dict[str, torch.Tensor]) -> Path | None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {"key": key_text(key), "sha256": tensors_digest(tensors)}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # again: the folder may have been deleted since it was checked
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_host()}.{os.getpid()}.", suffix=".tmp")
         os.close(fd)
         try:
