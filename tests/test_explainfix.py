@@ -436,6 +436,13 @@ def test_architectures_are_compared_side_by_side_and_all_checked_before_training
         compare_architectures(["resnet8", "resnet9_bottleneck"], train, test, ("learned",), recipe)
     with pytest.raises(ValueError, match="unknown model 'resnet8_bottlenek'"):
         compare_architectures(["resnet8", "resnet8_bottlenek"], train, test, ("learned",), recipe)
+    with pytest.raises(ValueError, match="distinct architecture names"):
+        compare_architectures(["resnet8", "resnet8"], train, test, ("learned",), recipe)
+    with pytest.raises(ValueError, match=r"GuidedSteer .* compare_initialisations\(name, \.\.\., source="):
+        compare_architectures(["resnet8"], train, test, ("learned", "GuidedSteer"), recipe)
+    monkeypatch.undo()
+    one, _ = compare_architectures("resnet11_bottleneck", train.subset(torch.arange(256)), test, ("DCT2",), recipe)
+    assert one.model.tolist() == ["resnet11_bottleneck"] and one.acc[0] == table.acc[3]  # a name alone; cached
 
 
 def test_removing_every_channel_of_a_group_is_refused_unless_one_is_kept():

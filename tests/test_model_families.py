@@ -177,6 +177,19 @@ def test_cifar_resnet_names_give_the_basic_or_the_bottleneck_variant():
         build_model("resnet29")
 
 
+def test_a_bottleneck_checkpoint_loads_by_its_name_and_the_plain_name_says_which(tmp_path):
+    from classfilters import CifarBottleneckResNet
+    torch.manual_seed(0)
+    source = CifarBottleneckResNet(20, num_classes=10).eval()
+    torch.save(source.state_dict(), tmp_path / "b.th")
+    loaded = build_model("resnet20_bottleneck", tmp_path / "b.th").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+    with pytest.raises(ValueError, match=r"bottleneck CIFAR ResNet-20 .*use --model resnet20_bottleneck"):
+        build_model("resnet20", tmp_path / "b.th")
+
+
 def test_models_whose_logits_are_not_the_last_linear_output_are_refused():
     class Scaled(nn.Module):  # logits = 2 * Linear(phi)
         def __init__(self):

@@ -49,7 +49,7 @@ from .models import (
 )
 
 SUPPORTED_FAMILIES = {
-    "cifar_resnet": "CIFAR ResNet (option-A shortcut, classfilters.CifarResNet; bottleneck, CifarBottleneckResNet)",
+    "cifar_resnet": "CIFAR ResNet (option-A shortcut CifarResNet, or projection-shortcut CifarBottleneckResNet)",
     "resnet": "torchvision ResNet / Wide-ResNet",
     "densenet": "torchvision DenseNet",
     "efficientnet": "torchvision EfficientNet",

@@ -142,6 +142,9 @@ def load_cifar_resnet(path: str | Path, depth: int | None = None, num_classes: i
     """
     state = read_state_dict(path, trust_checkpoint)
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
+    if any(re.match(r"layer1\.\d+\.conv3\.", k) for k in state):
+        raise ValueError(f"checkpoint {path} is a bottleneck CIFAR ResNet-{9 * len(blocks) + 2} (conv3 in its blocks): "
+                         f"use --model resnet{9 * len(blocks) + 2}_bottleneck")
     found_depth = 6 * len(blocks) + 2 if blocks else None
     if depth is None:
         if found_depth is None:

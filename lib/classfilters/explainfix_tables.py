@@ -121,10 +121,17 @@ def compare_initialisations(name: str, train: ImageSplit, test: ImageSplit, init
     return (pd.DataFrame(rows), models) if return_models else pd.DataFrame(rows)
 
 
-def compare_architectures(names: list[str], train: ImageSplit, test: ImageSplit, inits=("learned", "DCT2"),
+def compare_architectures(names: str | list[str], train: ImageSplit, test: ImageSplit, inits=("learned", "DCT2"),
                           recipe: Recipe | None = None, seed: int = 0, k=5, k_prime=5, device=None):
     """`compare_initialisations` for each architecture (every one checked before any training):
-    (table with a `model` column, {"<name> <init>": model})."""
+    (table with a `model` column, {"<name> <init>": model}). GuidedSteer needs a trained source per
+    architecture: call `compare_initialisations(name, ..., source=...)` for it."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"compare_architectures takes distinct architecture names, got {names}")
+    if any(str(i).lower() == "guidedsteer" for i in inits):
+        raise ValueError("GuidedSteer draws filters from a trained model of each architecture: call "
+                         "compare_initialisations(name, ..., source=<a trained model of name>) for it")
     for name in names:
         check_has_spatial_convs(build_model(name, num_classes=train.num_classes, in_channels=train.images.shape[1]))
     tables, models = [], {}
