@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import Bottleneck
 
 from .checkpoints import load_state_dict_checked, read_state_dict
 
@@ -79,7 +78,9 @@ class CifarResNet(nn.Module):
         return self.linear(self.forward_maps(x).mean((2, 3)))
 
 
-def _bottleneck(in_planes: int, planes: int, stride: int) -> Bottleneck:
+def _bottleneck(in_planes: int, planes: int, stride: int) -> nn.Module:
+    from torchvision.models.resnet import Bottleneck  # here: importing torchvision.models costs every kernel ~2 s
+
     out = planes * Bottleneck.expansion
     projection = None
     if stride != 1 or in_planes != out:
@@ -104,7 +105,7 @@ class CifarBottleneckResNet(nn.Module):
             blocks = []
             for b in range(n):
                 blocks.append(_bottleneck(in_planes, planes, 2 if (stage > 0 and b == 0) else 1))
-                in_planes = planes * Bottleneck.expansion
+                in_planes = planes * 4  # torchvision's Bottleneck.expansion
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
         self.linear = nn.Linear(in_planes, num_classes)
