@@ -12,6 +12,7 @@ cifar10-shared, cifar10, imagenet) or anywhere else changes some of them:
 `--set train.epochs=20`: `parse_set`) and the variables, then checks every key against the
 fields (a misspelt one is refused with the nearest name) and every value against its type.
 No torch here: the runner reads a profile without loading the numerical stack.
+About 300 lines, most of them the settings themselves, each with its default and what it does.
 """
 from __future__ import annotations
 
