@@ -60,6 +60,34 @@ def test_an_entry_written_for_another_key_is_a_miss(folder):
     assert cache.load("features", mine) is None
 
 
+def test_an_entry_replaced_while_it_is_read_gives_one_whole_version(folder, monkeypatch, recwarn):
+    """Another process finishing the same entry (os.replace) between reading the key and the tensors: the
+    reader gets the version it opened, with its own checksum, and no warning (nothing is corrupt)."""
+    key = {"model": "a"}
+    cache.save("features", key, {"f": torch.zeros(4)})
+    opened = cache.safe_open
+
+    def open_then_replace(*args, **kwargs):
+        handle = opened(*args, **kwargs)
+        if not getattr(open_then_replace, "done", False):
+            open_then_replace.done = True
+            cache.save("features", key, {"f": torch.ones(4)})  # a second writer's (nondeterministic) result
+        return handle
+
+    monkeypatch.setattr(cache, "safe_open", open_then_replace)
+    back = cache.load("features", key)
+    assert back is not None and torch.equal(back["f"], torch.zeros(4)) and len(recwarn) == 0
+    assert torch.equal(cache.load("features", key)["f"], torch.ones(4))  # the next read sees the new version
+
+
+def test_a_cache_folder_deleted_during_a_session_is_made_again(folder, recwarn):
+    import shutil
+    cache.save("features", {"x": 1}, {"f": torch.ones(2)})  # the folder is checked (and remembered) here
+    shutil.rmtree(folder / "features")
+    assert cache.save("features", {"x": 2}, {"f": torch.zeros(2)}) is not None and len(recwarn) == 0
+    assert torch.equal(cache.load("features", {"x": 2})["f"], torch.zeros(2))
+
+
 def test_an_unreadable_entry_is_warned_about_and_rewritten(folder):
     key = {"k": 1}
     path = cache.entry_path("features", key)

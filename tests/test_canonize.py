@@ -5,7 +5,15 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from classfilters import CanonizationError, CifarResNet, FeatureModel, as_feature_model, canonization_check, canonize
+from classfilters import (
+    CanonizationError,
+    CifarBottleneckResNet,
+    CifarResNet,
+    FeatureModel,
+    as_feature_model,
+    canonization_check,
+    canonize,
+)
 from classfilters.canonization import bn_is_identity, zennit_resnet_error
 
 
@@ -25,6 +33,7 @@ def random_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 
 FAMILIES = {  # label: (family, model, residual sums)
     "cifar_resnet8": ("cifar_resnet", lambda: CifarResNet(8), 3),
+    "cifar_bottleneck20": ("cifar_resnet", lambda: CifarBottleneckResNet(20), 6),
     "resnet18": ("resnet", lambda: tvm.resnet18(), 8),
     "wide_bottleneck": ("resnet", lambda: tvm.ResNet(tvm.resnet.Bottleneck, [1, 1, 1, 1], width_per_group=128), 4),
     "densenet121": ("densenet", lambda: tvm.densenet121(), 0),

@@ -230,17 +230,32 @@ def test_zeroing_is_global_and_counts(digits):
         assert torch.equal(zero, sal[name] <= threshold)
 
 
+def test_the_bottleneck_resnet_fixes_its_3x3_filters_and_keeps_its_1x1_convs_learning():
+    torch.manual_seed(0)
+    model = build_model("resnet11_bottleneck", num_classes=10, in_channels=1)
+    fix_spatial_filters(model, "DCT2", seed=0)
+    assert [n for n, _ in spatial_convs(model)] == ["body.model.conv1", "body.model.layer1.0.conv2",
+                                                     "body.model.layer2.0.conv2", "body.model.layer3.0.conv2"]
+    # by hand, one block a stage (in -> width -> 4 width, projection in -> 4 width): 1x1 weights, BN, head
+    one_by_one = (16 * 16 + 16 * 64 + 16 * 64) + (64 * 32 + 32 * 128 + 64 * 128) + (128 * 64 + 64 * 256 + 128 * 256)
+    batchnorm = 2 * (16 + (16 + 16 + 64 + 64) + (32 + 32 + 128 + 128) + (64 + 64 + 256 + 256))
+    assert trainable_parameters(model) == one_by_one + batchnorm + 256 * 10 + 10
+    assert model.num_features == 256 and model.has_spatial_maps
+
+
 def _row_saliency(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return {n: torch.rand(c.weight.shape[0], 1, generator=gen) + 0.01 * torch.rand(c.weight.shape[:2], generator=gen)
             for n, c in spatial_convs(model)}
 
 
-@pytest.mark.parametrize("family", ["cifar_resnet8", "torchvision_resnet", "torchvision_densenet"])
+@pytest.mark.parametrize("family", ["cifar_resnet8", "cifar_bottleneck11", "torchvision_resnet", "torchvision_densenet"])
 def test_pruned_model_computes_the_zeroed_function_with_fewer_parameters(family):
     torch.manual_seed(0)
     if family == "cifar_resnet8":
         model, x = small_resnet(in_channels=3), torch.randn(3, 3, 16, 16)
+    elif family == "cifar_bottleneck11":
+        model, x = build_model("resnet11_bottleneck").eval(), torch.randn(3, 3, 16, 16)
     elif family == "torchvision_resnet":
         model = as_feature_model(tvm.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)).eval()
         x = torch.randn(3, 3, 32, 32)
@@ -401,6 +416,33 @@ def test_tables_for_the_notebooks(digits, digits_model):
     assert 0 < spec.relative[0] <= 1.5
     with pytest.raises(ValueError, match="unknown initialisation"):
         compare_initialisations("resnet8", train, test, ("learned", "nope"))
+
+
+def test_architectures_are_compared_side_by_side_and_all_checked_before_training(digits, monkeypatch):
+    from classfilters import compare_architectures, explainfix_tables
+    train, test = digits
+    recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False)
+    table, models = compare_architectures(["resnet8", "resnet11_bottleneck"], train.subset(torch.arange(256)), test,
+                                          ("learned", "DCT2"), recipe)
+    assert list(zip(table.model, table.init)) == [("resnet8", "learned"), ("resnet8", "DCT2"),
+                                                  ("resnet11_bottleneck", "learned"), ("resnet11_bottleneck", "DCT2")]
+    assert list(models) == ["resnet8 learned", "resnet8 DCT2", "resnet11_bottleneck learned", "resnet11_bottleneck DCT2"]
+    assert table.trainable_params.tolist() == [trainable_parameters(m) for m in models.values()]
+    alone = explainfix_tables.compare_initialisations(
+        "resnet11_bottleneck", train.subset(torch.arange(256)), test, ("DCT2",), recipe)
+    assert alone.acc[0] == table.acc[3] and alone.trainable_params[0] == table.trainable_params[3]
+    monkeypatch.setattr(explainfix_tables, "train_fixed", lambda *a, **k: pytest.fail("trained before the checks"))
+    with pytest.raises(ValueError, match=r"bottleneck ResNet depth must be 9n\+2 .* got 9"):
+        compare_architectures(["resnet8", "resnet9_bottleneck"], train, test, ("learned",), recipe)
+    with pytest.raises(ValueError, match="unknown model 'resnet8_bottlenek'"):
+        compare_architectures(["resnet8", "resnet8_bottlenek"], train, test, ("learned",), recipe)
+    with pytest.raises(ValueError, match="distinct architecture names"):
+        compare_architectures(["resnet8", "resnet8"], train, test, ("learned",), recipe)
+    with pytest.raises(ValueError, match=r"GuidedSteer .* compare_initialisations\(name, \.\.\., source="):
+        compare_architectures(["resnet8"], train, test, ("learned", "GuidedSteer"), recipe)
+    monkeypatch.undo()
+    one, _ = compare_architectures("resnet11_bottleneck", train.subset(torch.arange(256)), test, ("DCT2",), recipe)
+    assert one.model.tolist() == ["resnet11_bottleneck"] and one.acc[0] == table.acc[3]  # a name alone; cached
 
 
 def test_removing_every_channel_of_a_group_is_refused_unless_one_is_kept():

@@ -151,6 +151,45 @@ def test_build_model_takes_any_torchvision_name():
         build_model("timm:resnet18", pretrained="IMAGENET1K_V1")  # a torchvision entry name, not timm's
 
 
+def test_cifar_resnet_names_give_the_basic_or_the_bottleneck_variant():
+    from torchvision.models.resnet import Bottleneck
+
+    from classfilters.models import BasicBlock, cifar_resnet_name
+    assert [cifar_resnet_name(n) for n in ("resnet20", "cifar_resnet50", "resnet50", "resnet29_bottleneck",
+                                           "cifar_resnet29_bottleneck", "resnet18_bottleneck", "resnet20x")] == [
+        (20, False), (50, False), None, (29, True), (29, True), (18, True), None]
+    plain, bottleneck = build_model("resnet20"), build_model("resnet29_bottleneck", num_classes=7)
+    assert sum(isinstance(m, BasicBlock) for m in plain.modules()) == 9 and plain.num_features == 64
+    blocks = [m for m in bottleneck.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 9 and bottleneck.num_features == 256 and bottleneck.num_classes == 7
+    assert [b.downsample is not None for b in blocks] == [True, False, False] * 3  # projections where shapes change
+    assert [b.conv2.stride for b in blocks[::3]] == [(1, 1), (2, 2), (2, 2)]
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = bottleneck.forward_maps(x)
+        assert maps.shape == (2, 256, 8, 8)
+        assert torch.allclose(bottleneck(x), bottleneck.body.model(x), atol=1e-6)  # the wrapper is the model
+        assert torch.allclose(bottleneck(x), bottleneck.head(maps.mean((2, 3))), atol=1e-6)
+    with pytest.raises(ValueError, match=r"bottleneck ResNet depth must be 9n\+2 with n >= 1 .*got 30"):
+        build_model("resnet30_bottleneck")
+    with pytest.raises(ValueError, match=r"CIFAR ResNet depth must be 6n\+2 .*got 29"):
+        build_model("resnet29")
+
+
+def test_a_bottleneck_checkpoint_loads_by_its_name_and_the_plain_name_says_which(tmp_path):
+    from classfilters import CifarBottleneckResNet
+    torch.manual_seed(0)
+    source = CifarBottleneckResNet(20, num_classes=10).eval()
+    torch.save(source.state_dict(), tmp_path / "b.th")
+    loaded = build_model("resnet20_bottleneck", tmp_path / "b.th").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+    with pytest.raises(ValueError, match=r"bottleneck CIFAR ResNet-20 .*use --model resnet20_bottleneck"):
+        build_model("resnet20", tmp_path / "b.th")
+
+
 def test_models_whose_logits_are_not_the_last_linear_output_are_refused():
     class Scaled(nn.Module):  # logits = 2 * Linear(phi)
         def __init__(self):
@@ -203,6 +242,7 @@ def test_torchvision_preprocessing_includes_mean_and_std():
 
 @pytest.mark.parametrize(("name", "family"), [
     ("resnet20", "ResNet (CIFAR)"), ("cifar_resnet50", "ResNet (CIFAR)"), ("resnet50", "ResNet (ImageNet)"),
+    ("resnet29_bottleneck", "ResNet bottleneck (CIFAR)"), ("resnet101_bottleneck", "ResNet bottleneck (CIFAR)"),
     ("wide_resnet50_2", "Wide ResNet"), ("resnext50_32x4d", "ResNeXt"), ("densenet121", "DenseNet"),
     ("efficientnet_b0", "EfficientNet"), ("efficientnet_v2_s", "EfficientNetV2"), ("regnet_y_400mf", "RegNet"),
     ("mobilenet_v3_small", "MobileNetV3"), ("vit_b_16", "ViT"), ("swin_v2_t", "Swin V2"), ("swin_t", "Swin"),

@@ -378,3 +378,16 @@ def test_depth_seeds_and_the_accuracy_floor_are_checked():
     with pytest.raises(ValueError, match="csg_budget"):
         load_profile("demo", {"csg_budget": 20})
     assert load_profile("demo", {"depth_seeds": [3, 1]}).depth_seeds == [3, 1]
+
+
+def test_fix_model_takes_one_architecture_or_a_list_of_distinct_ones():
+    from classfilters.profile import load_profile
+    assert load_profile("demo").fix_architectures() == ["resnet8"]
+    assert load_profile("demo", {"fix_model": ["resnet8", "resnet11_bottleneck"]}).fix_architectures() == [
+        "resnet8", "resnet11_bottleneck"]
+    assert load_profile("cifar10-shared", {"fix_model": None}).fix_architectures() == ["resnet20"]  # resnet20@shared
+    for bad in ([], ["resnet8", "resnet8"]):
+        with pytest.raises(ValueError, match="fix_model must be one architecture or a list of distinct ones"):
+            load_profile("demo", {"fix_model": bad})
+    with pytest.raises(ValueError, match="setting 'fix_model' .* must be"):
+        load_profile("demo", {"fix_model": 8})

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 CACHE_FORMAT = 2  # bump when what is cached changes meaning (2: a checksum in every entry)
 STALE_SECONDS = 3600  # a temporary untouched this long has no live writer (writes touch it continuously)
@@ -152,12 +152,12 @@ def load(kind: str, key: dict) -> dict[str, torch.Tensor] | None:
     path = entry_path(kind, key)
     if not path.is_file():
         return None
-    try:
+    try:  # one open: the key, checksum and tensors come from the same file even if another process replaces it
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-        if metadata.get("key") != key_text(key):
-            return None
-        tensors = load_file(str(path))
+            if metadata.get("key") != key_text(key):
+                return None
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 -- a safetensors handle, not a dict
     except (SafetensorError, OSError, ValueError) as e:
         _warn(f"cache entry {path} is unreadable ({type(e).__name__}): recomputing it")
         return None
@@ -175,6 +175,7 @@ def save(kind: str, key: dict, tensors: dict[str, torch.Tensor]) -> Path | None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {"key": key_text(key), "sha256": tensors_digest(tensors)}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # again: the folder may have been deleted since it was checked
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_host()}.{os.getpid()}.", suffix=".tmp")
         os.close(fd)
         try:

@@ -38,10 +38,18 @@ from zennit.core import collect_leaves
 from zennit.layer import Sum
 
 from .models import BasicBlock as CifarBasicBlock
-from .models import CifarResNet, FeatureModel, MethodBody, _DenseNetBody, as_feature_model, global_average_pool
+from .models import (
+    CifarBottleneckResNet,
+    CifarResNet,
+    FeatureModel,
+    MethodBody,
+    _DenseNetBody,
+    as_feature_model,
+    global_average_pool,
+)
 
 SUPPORTED_FAMILIES = {
-    "cifar_resnet": "CIFAR ResNet (option-A shortcut, classfilters.CifarResNet)",
+    "cifar_resnet": "CIFAR ResNet (option-A shortcut CifarResNet, or projection-shortcut CifarBottleneckResNet)",
     "resnet": "torchvision ResNet / Wide-ResNet",
     "densenet": "torchvision DenseNet",
     "efficientnet": "torchvision EfficientNet",
@@ -384,7 +392,8 @@ class NoInplace(Canonizer):
 def canonizer_family(model: nn.Module) -> str | None:
     """The canonization family of a (Feature)Model: a key of SUPPORTED_FAMILIES, or None."""
     body = model.body if isinstance(model, FeatureModel) else model
-    if isinstance(body, CifarResNet) or (isinstance(body, MethodBody) and isinstance(body.model, CifarResNet)):
+    cifar = (CifarResNet, CifarBottleneckResNet)
+    if isinstance(body, cifar) or (isinstance(body, MethodBody) and isinstance(body.model, cifar)):
         return "cifar_resnet"
     if isinstance(body, (_DenseNetBody, tvm.DenseNet)):
         return "densenet"
@@ -401,7 +410,8 @@ def canonizer_for(model: nn.Module) -> CompositeCanonizer:
     family = canonizer_family(model)
     parts = [NoInplace()]
     if family == "cifar_resnet":
-        parts += [FoldBatchNorm(), _sum_blocks(CifarBasicBlock, cifar_block_forward)]
+        parts += [FoldBatchNorm(), _sum_blocks(CifarBasicBlock, cifar_block_forward),
+                  _sum_blocks(tvm.resnet.Bottleneck, bottleneck_forward)]  # the bottleneck variant's blocks
     elif family == "resnet":
         parts += [FoldBatchNorm(), _sum_blocks(tvm.resnet.BasicBlock, basic_block_forward),
                   _sum_blocks(tvm.resnet.Bottleneck, bottleneck_forward)]

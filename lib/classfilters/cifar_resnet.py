@@ -1,6 +1,11 @@
 """CIFAR ResNet-(6n+2) of He et al. (2016) with the option-A shortcut (strided subsampling +
 zero-padded channels), its parameter names those of the shared checkpoints, and
 `load_cifar_resnet` for the legacy CIFAR-10 checkpoints of Idelbayev's pytorch_resnet_cifar10.
+
+`CifarBottleneckResNet(depth)` is the bottleneck variant of He et al.'s CIFAR study
+(ResNet-(9n+2), e.g. 29, 47, 164): torchvision's `Bottleneck` blocks (1x1 -> 3x3 -> 1x1, 4x
+expansion: 64/128/256 channels) with a projection shortcut (1x1 conv + BN) where the shape
+changes. Its 1x1 convolutions keep learning when the 3x3 filters are fixed (ExplainFix).
 """
 from __future__ import annotations
 
@@ -73,8 +78,60 @@ class CifarResNet(nn.Module):
         return self.linear(self.forward_maps(x).mean((2, 3)))
 
 
+def _bottleneck(in_planes: int, planes: int, stride: int) -> nn.Module:
+    from torchvision.models.resnet import Bottleneck  # here: importing torchvision.models costs every kernel ~2 s
+
+    out = planes * Bottleneck.expansion
+    projection = None
+    if stride != 1 or in_planes != out:
+        projection = nn.Sequential(nn.Conv2d(in_planes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+    return Bottleneck(in_planes, planes, stride, downsample=projection)
+
+
+class CifarBottleneckResNet(nn.Module):
+    """ResNet-(9n+2) for 32x32 images of torchvision `Bottleneck` blocks (widths 16/32/64, outputs
+    64/128/256), projection shortcuts where the shape changes, global average pool, `linear`."""
+
+    def __init__(self, depth: int = 29, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if depth < 11 or (depth - 2) % 9:
+            raise ValueError(f"CIFAR bottleneck ResNet depth must be 9n+2 with n >= 1 (11, 20, 29, 47, ...); got {depth}")
+        n = (depth - 2) // 9
+        self.depth = depth
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        in_planes, layers = 16, []
+        for stage, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for b in range(n):
+                blocks.append(_bottleneck(in_planes, planes, 2 if (stage > 0 and b == 0) else 1))
+                in_planes = planes * 4  # torchvision's Bottleneck.expansion
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.linear = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward_maps(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward(self, x):
+        return self.linear(self.forward_maps(x).mean((2, 3)))
+
+
 CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 TORCHVISION_RESNET_DEPTHS = (18, 34, 50, 101, 152)  # "resnet50" is torchvision's; "cifar_resnet50" the CIFAR one
+
+
+def cifar_resnet_name(name: str) -> tuple[int, bool] | None:
+    """(depth, bottleneck) of a CIFAR ResNet name ("resnet20", "cifar_resnet50", "resnet29_bottleneck"),
+    None for any other name (torchvision's "resnet18/34/50/101/152" included)."""
+    m = re.fullmatch(r"(cifar_)?resnet(\d+)(_bottleneck)?", name)
+    if m is None or not (m.group(1) or m.group(3) or int(m.group(2)) not in TORCHVISION_RESNET_DEPTHS):
+        return None
+    return int(m.group(2)), bool(m.group(3))
 
 
 def load_cifar_resnet(path: str | Path, depth: int | None = None, num_classes: int = 10,
@@ -86,6 +143,9 @@ def load_cifar_resnet(path: str | Path, depth: int | None = None, num_classes: i
     """
     state = read_state_dict(path, trust_checkpoint)
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
+    if any(re.match(r"layer1\.\d+\.conv3\.", k) for k in state):
+        raise ValueError(f"checkpoint {path} is a bottleneck CIFAR ResNet-{9 * len(blocks) + 2} (conv3 in its blocks): "
+                         f"use --model resnet{9 * len(blocks) + 2}_bottleneck")
     found_depth = 6 * len(blocks) + 2 if blocks else None
     if depth is None:
         if found_depth is None:

@@ -26,7 +26,7 @@ from .train import Recipe, trained_model
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m classfilters prune", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="resnet20 (CIFAR 6n+2), a torchvision classifier, ...")
+    p.add_argument("--model", required=True, help="resnet20 (CIFAR 6n+2), resnet20_bottleneck (CIFAR 9n+2), a torchvision classifier, ...")
     p.add_argument("--checkpoint", help="weights (a CIFAR .th file, a state dict or .safetensors); "
                                         "without it the model is trained first (cached)")
     p.add_argument("--dataset", required=True, help="digits | cifar10 | cifar10:<path>")

@@ -4,7 +4,8 @@
   nothing fixed), cached under the model, data, recipe, seed, init (and GuidedSteer source);
   seconds per epoch are measured when trained (and cached with it).
 - `compare_initialisations`: per init, test accuracy, trainable / total parameters, seconds per
-  epoch, and our relative accuracy at k = k' (decomposed / full head).
+  epoch, and our relative accuracy at k = k' (decomposed / full head); `compare_architectures`
+  the same for several architectures (e.g. a CIFAR ResNet and its bottleneck variant with 1x1 convs).
 - `low_frequency_table`: `low_frequency_share` for several models, one row per (model, layer).
 - `prune_sweep`: ChannelPrune at several percentages: kernels, parameters, multiply-adds, CPU
   latency, accuracy before / after fine-tuning, fine-tuning seconds per epoch, relative accuracy.
@@ -118,6 +119,28 @@ def compare_initialisations(name: str, train: ImageSplit, test: ImageSplit, init
                      "trainable_params": trainable_parameters(model),
                      "params": sum(p.numel() for p in model.parameters()), "seconds_per_epoch": seconds})
     return (pd.DataFrame(rows), models) if return_models else pd.DataFrame(rows)
+
+
+def compare_architectures(names: str | list[str], train: ImageSplit, test: ImageSplit, inits=("learned", "DCT2"),
+                          recipe: Recipe | None = None, seed: int = 0, k=5, k_prime=5, device=None):
+    """`compare_initialisations` for each architecture (every one checked before any training):
+    (table with a `model` column, {"<name> <init>": model}). GuidedSteer needs a trained source per
+    architecture: call `compare_initialisations(name, ..., source=...)` for it."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"compare_architectures takes distinct architecture names, got {names}")
+    if any(str(i).lower() == "guidedsteer" for i in inits):
+        raise ValueError("GuidedSteer draws filters from a trained model of each architecture: call "
+                         "compare_initialisations(name, ..., source=<a trained model of name>) for it")
+    for name in names:
+        check_has_spatial_convs(build_model(name, num_classes=train.num_classes, in_channels=train.images.shape[1]))
+    tables, models = [], {}
+    for name in names:
+        table, trained = compare_initialisations(name, train, test, inits, recipe, seed, k=k, k_prime=k_prime,
+                                                 device=device, return_models=True)
+        tables.append(table.assign(model=name)[["model", *table.columns]])
+        models.update({f"{name} {init}": model for init, model in trained.items()})
+    return pd.concat(tables, ignore_index=True), models
 
 
 def low_frequency_table(models: dict[str, nn.Module], null_draws: int = 200, seed: int = 0) -> pd.DataFrame:

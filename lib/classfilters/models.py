@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,8 +43,10 @@ from .cifar_resnet import (  # noqa: F401 -- re-exported
     CIFAR_DEPTHS,
     TORCHVISION_RESNET_DEPTHS,
     BasicBlock,
+    CifarBottleneckResNet,
     CifarResNet,
     ZeroPadShortcut,
+    cifar_resnet_name,
     load_cifar_resnet,
 )
 from .zoo import (  # noqa: F401 -- re-exported
@@ -209,7 +210,7 @@ def as_feature_model(model: nn.Module, name: str | None = None, example: torch.T
     if isinstance(model, FeatureModel):
         return model
     name = name or type(model).__name__.lower()
-    if isinstance(model, CifarResNet):
+    if isinstance(model, (CifarResNet, CifarBottleneckResNet)):
         wrapped, size = FeatureModel(MethodBody(model, "forward_maps"), model.linear, name=name), 32
     elif isinstance(model, tvm.ResNet) and isinstance(model.fc, nn.Linear):
         body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
@@ -368,6 +369,7 @@ def build_model(name: str, checkpoint: str | Path | None = None, num_classes: in
     """Make a model by name and wrap it.
 
     name: "resnet8".."resnet110" (CIFAR, 6n+2; "cifar_resnetN" where N clashes with torchvision),
+    "resnet29_bottleneck" (CIFAR bottleneck, 9n+2),
     any torchvision classifier ("resnet50", "convnext_tiny", "vit_b_16", ...; see
     `torchvision.models.list_models(module=torchvision.models)`), or "timm:<name>".
     checkpoint: a CIFAR .th file, or a state dict saved with torch.save / safetensors; read without
@@ -379,13 +381,13 @@ def build_model(name: str, checkpoint: str | Path | None = None, num_classes: in
     """
     import torchvision.models as tvm
 
-    m = re.fullmatch(r"(cifar_)?resnet(\d+)", name)
-    if m and (m.group(1) or int(m.group(2)) not in TORCHVISION_RESNET_DEPTHS):
-        depth = int(m.group(2))
-        if checkpoint is not None and str(checkpoint).endswith(".th"):
+    if (cifar := cifar_resnet_name(name)) is not None:
+        depth, bottleneck = cifar
+        if checkpoint is not None and str(checkpoint).endswith(".th") and not bottleneck:
             model = load_cifar_resnet(checkpoint, depth, trust_checkpoint=trust_checkpoint)
         else:
-            model = CifarResNet(depth, num_classes or 10, in_channels)
+            cls = CifarBottleneckResNet if bottleneck else CifarResNet
+            model = cls(depth, num_classes or 10, in_channels)
             if checkpoint is not None:
                 load_state_dict_checked(model, read_state_dict(checkpoint, trust_checkpoint), str(checkpoint))
         return as_feature_model(model, name)
@@ -401,7 +403,7 @@ def build_model(name: str, checkpoint: str | Path | None = None, num_classes: in
                                   in_chans=in_channels)
     else:
         if name not in tvm.list_models(module=tvm):
-            raise ValueError(f"unknown model '{name}': use resnet<6n+2> (CIFAR), a torchvision classifier "
+            raise ValueError(f"unknown model '{name}': use resnet<6n+2> or resnet<9n+2>_bottleneck (CIFAR), a torchvision classifier "
                              f"(e.g. {', '.join(TORCHVISION_MODELS[:4])}, convnext_tiny, vit_b_16; "
                              "torchvision.models.list_models(module=torchvision.models)) or timm:<name>")
         weights = torchvision_weights(name, pretrained) if pretrained else None

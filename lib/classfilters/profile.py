@@ -12,6 +12,7 @@ cifar10-shared, cifar10, imagenet) or anywhere else changes some of them:
 `--set train.epochs=20`: `parse_set`) and the variables, then checks every key against the
 fields (a misspelt one is refused with the nearest name) and every value against its type.
 No torch here: the runner reads a profile without loading the numerical stack.
+About 300 lines, most of them the settings themselves, each with its default and what it does.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ class Profile:
     csg_gate_lr: float = 0.08      # the gates' own Adam learning rate (constant; csg.py: gated steps * lr >~ 5 to close)
     csg_from: str = "model"        # CSG starts from the profile's trained `model` (cheap) or from `scratch` (the CSG paper)
     # --- ExplainFix (notebooks 8 and 9; skipped where the model has no spatial maps or the split is streamed)
-    fix_model: str | None = "resnet8"  # trained from scratch per init in notebook 8 (None: the profile's model's architecture)
+    fix_model: str | list[str] | None = "resnet8"  # architecture(s) trained from scratch per init in notebook 8
+    #                                (None: the profile's model's architecture)
     fix_inits: list[str] = field(default_factory=lambda: ["learned", "DCT2"])  # learned | DCT2 GHaar Psine Unchanged KRandom
     fix_epochs: int = 2            # training epochs of each init (the rest of the recipe: `train`)
     spectra_null_draws: int = 20   # random-filter draws of the low-frequency null
@@ -118,6 +120,8 @@ class Profile:
         if not 0 <= self.csg_budget <= 1:
             raise ValueError(f"csg_budget is an L1-density of the gates in [0, 1] (the official code: 0.2), "
                              f"got {self.csg_budget}")
+        if isinstance(self.fix_model, list) and (not self.fix_model or len(set(self.fix_model)) != len(self.fix_model)):
+            raise ValueError(f"fix_model must be one architecture or a list of distinct ones, got {self.fix_model}")
         if self.csg_from not in ("model", "scratch"):
             raise ValueError(f"csg_from must be 'model' (CSG from the trained model) or 'scratch' (a fresh one), "
                              f"got {self.csg_from!r}")
@@ -137,6 +141,12 @@ class Profile:
     def fix_recipe(self) -> Recipe:
         """The training recipe with the ExplainFix epochs (notebook 8)."""
         return Recipe(**{**asdict(self.train), "epochs": self.fix_epochs})
+
+    def fix_architectures(self) -> list[str]:
+        """The architectures of notebook 8: `fix_model` as a list, the profile's model's when None."""
+        if self.fix_model is None:
+            return [self.model.split("@", 1)[0]]
+        return [self.fix_model] if isinstance(self.fix_model, str) else list(self.fix_model)
 
     def prune_recipe(self, epochs: int | None = None) -> Recipe:
         """Fine-tuning after pruning: the training recipe with `prune_epochs` (or `epochs`) and `prune_lr`."""

@@ -12,7 +12,7 @@ import warnings
 
 from torch import nn
 
-from .cifar_resnet import TORCHVISION_RESNET_DEPTHS
+from .cifar_resnet import cifar_resnet_name
 
 # Every torchvision family of the paper, by the names torchvision uses.
 TORCHVISION_MODELS = ("resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
@@ -79,9 +79,8 @@ def model_family(name: str) -> str:
     -> "convnext (timm)" (the prefix of timm's architecture name)."""
     import torchvision.models as tvm
 
-    m = re.fullmatch(r"(cifar_)?resnet(\d+)", name)
-    if m and (m.group(1) or int(m.group(2)) not in TORCHVISION_RESNET_DEPTHS):
-        return "ResNet (CIFAR)"
+    if (cifar := cifar_resnet_name(name)) is not None:
+        return "ResNet bottleneck (CIFAR)" if cifar[1] else "ResNet (CIFAR)"
     if name.startswith("timm:"):
         import timm
         architecture = timm.models.split_model_name_tag(name[5:])[0]
@@ -90,7 +89,7 @@ def model_family(name: str) -> str:
         prefix = re.match(r"(?:tf_|tv_)?([a-z]+v\d+|[a-z]+)", architecture)
         return f"{prefix.group(1) if prefix else architecture} (timm)"
     if name not in tvm.list_models(module=tvm):
-        raise ValueError(f"unknown model '{name}': use resnet<6n+2> (CIFAR), a torchvision classifier or timm:<name>")
+        raise ValueError(f"unknown model '{name}': use resnet<6n+2> or resnet<9n+2>_bottleneck (CIFAR), a torchvision classifier or timm:<name>")
     for start, family in NAME_FAMILIES:
         if name.startswith(start):
             return family
