@@ -105,7 +105,7 @@ class CifarBottleneckResNet(nn.Module):
             blocks = []
             for b in range(n):
                 blocks.append(_bottleneck(in_planes, planes, 2 if (stage > 0 and b == 0) else 1))
-                in_planes = planes * 4  # torchvision's Bottleneck.expansion
+                in_planes = blocks[-1].conv3.out_channels
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
         self.linear = nn.Linear(in_planes, num_classes)
@@ -113,12 +113,8 @@ class CifarBottleneckResNet(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
-    def forward_maps(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
-
-    def forward(self, x):
-        return self.linear(self.forward_maps(x).mean((2, 3)))
+    forward_maps = CifarResNet.forward_maps  # the same stem, stages and pooled head as the basic ResNet
+    forward = CifarResNet.forward
 
 
 CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
