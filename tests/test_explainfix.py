@@ -409,6 +409,7 @@ def test_tables_for_the_notebooks(digits, digits_model):
     assert again.acc[0] == table.acc[1]  # from the cache
     sweep = prune_sweep(digits_model, train, test, (50, 99), recipe=Recipe(epochs=0), max_images=128, keep_per_layer=1)
     assert list(sweep.pct) == [0, 50, 99] and sweep.params.is_monotonic_decreasing and sweep.macs.is_monotonic_decreasing
+    assert list(sweep.model) == ["unpruned", "pruned 50%", "pruned 99%"]  # no epochs: no fine-tuned control
     assert sweep.kernels.is_monotonic_decreasing and sweep.acc[0] > 0.5
     low = low_frequency_table({"trained": digits_model, "random": small_resnet()}, null_draws=20)
     assert set(low.model) == {"trained", "random"} and len(low) == 14
@@ -416,6 +417,33 @@ def test_tables_for_the_notebooks(digits, digits_model):
     assert 0 < spec.relative[0] <= 1.5
     with pytest.raises(ValueError, match="unknown initialisation"):
         compare_initialisations("resnet8", train, test, ("learned", "nope"))
+
+
+def test_the_sweeps_control_is_the_unpruned_model_fine_tuned_by_the_same_recipe(digits, digits_model):
+    """The row "unpruned, fine-tuned" equals fine-tuning a copy of the model by hand with the sweep's recipe and
+    seed; it is left out without epochs or when not asked for."""
+    import copy
+
+    from classfilters import prune_sweep
+    from classfilters.class_subset import predict
+    from classfilters.decomposed import accuracy
+    from classfilters.train import train_classifier
+    train, test = digits
+    train = train.subset(torch.arange(256))
+    recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False)
+    sweep, models = prune_sweep(digits_model, train, test, (50,), recipe=recipe, max_images=64, keep_per_layer=1,
+                                seed=3, return_models=True)
+    assert list(sweep.model) == ["unpruned", "unpruned, fine-tuned", "pruned 50%"] and list(models) == list(sweep.model[1:])
+    by_hand = copy.deepcopy(digits_model).cpu().eval()
+    train_classifier(by_hand, train, recipe, None, 3, progress=False)
+    expected = accuracy(predict(by_hand.cpu().eval(), test), test.labels)
+    control = sweep.set_index("model").loc["unpruned, fine-tuned"]
+    assert control.acc == expected and control.acc_before_finetune == sweep.acc[0]
+    assert (control.params, control.kernels, control.macs) == tuple(sweep.loc[0, ["params", "kernels", "macs"]])
+    assert control.acc != sweep.acc[0]  # one epoch on 256 images moves it
+    plain = prune_sweep(digits_model, train, test, (50,), recipe=recipe, max_images=64, keep_per_layer=1, seed=3,
+                        control=False)
+    assert list(plain.model) == ["unpruned", "pruned 50%"] and plain.acc[1] == sweep.acc[2]
 
 
 def test_architectures_are_compared_side_by_side_and_all_checked_before_training(digits, monkeypatch):

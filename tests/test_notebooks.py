@@ -261,16 +261,19 @@ def test_fixed_filter_tables(tiny):
 
 def test_pruning_tables(tiny):
     sweep = table(tiny, "prune_sweep")
-    assert list(sweep.pct) == [0, 50, 90, 99]
+    names = ["unpruned, fine-tuned", "pruned 50%", "pruned 90%", "pruned 99%"]
+    assert list(sweep.model) == ["unpruned", *names] and list(sweep.pct) == [0, 0, 50, 90, 99]
     for column in ("macs", "params", "kernels"):
         assert sweep[column].is_monotonic_decreasing and sweep[column].iloc[-1] < 0.2 * sweep[column].iloc[0], column
+        assert sweep[column][0] == sweep[column][1], column                      # the control is the whole model
     pruned = sweep[sweep.pct > 0]
     assert (pruned.acc >= pruned.acc_before_finetune - 0.02).all()               # fine-tuning recovers
-    assert sweep.acc[0] > 0.5 and sweep.acc[1] > 0.5 and (sweep.latency_ms > 0).all()
+    assert sweep.acc[0] > 0.5 and sweep.acc[2] > 0.5 and (sweep.latency_ms > 0).all()
+    assert sweep.acc_before_finetune[1] == sweep.acc[0] and sweep.finetune_seconds_per_epoch[1:].gt(0).all()
     at_k = table(tiny, "prune_relative_at_k")
-    assert list(at_k.model) == ["resnet8", "pruned 50%", "pruned 90%", "pruned 99%"]
+    assert list(at_k.model) == ["resnet8", *names]
     assert np.allclose(at_k.acc_full, sweep.acc) and np.allclose(at_k.relative, sweep.relative)
-    assert len(table(tiny, "prune_table8")) == 4 * 11
+    assert len(table(tiny, "prune_table8")) == 5 * 11
     subset = table(tiny, "class_subset").iloc[0]
     assert subset.classes == "3+8" and subset.params_small < subset.params_full and subset.macs_small < subset.macs_full
     assert subset.acc_full > 0.8 and 0 <= subset.acc_finetuned <= 1

@@ -8,7 +8,8 @@
   the same for several architectures (e.g. a CIFAR ResNet and its bottleneck variant with 1x1 convs).
 - `low_frequency_table`: `low_frequency_share` for several models, one row per (model, layer).
 - `prune_sweep`: ChannelPrune at several percentages: kernels, parameters, multiply-adds, CPU
-  latency, accuracy before / after fine-tuning, fine-tuning seconds per epoch, relative accuracy.
+  latency, accuracy before / after fine-tuning, fine-tuning seconds per epoch, relative accuracy;
+  beside them the unpruned model fine-tuned by the same recipe (what fine-tuning alone does).
 - `class_specific_table`: relative accuracy at k = k' for any dict of models (learned, fixed, pruned).
 - `class_subset_table`: `class_subset_model` reports for several class subsets.
 - `class_specific_report`: for several models (learned, fixed, pruned), our class-specific features
@@ -151,10 +152,14 @@ def low_frequency_table(models: dict[str, nn.Module], null_draws: int = 200, see
 
 def prune_sweep(model: FeatureModel, train: ImageSplit, test: ImageSplit, pcts=(50, 90, 99), saliency: str = "grad",
                 recipe: Recipe | None = None, fixed: str | None = None, k=5, k_prime=5, max_images: int | None = 2048,
-                seed: int = 0, keep_per_layer: int = 0, device=None, return_models: bool = False):
+                seed: int = 0, keep_per_layer: int = 0, device=None, return_models: bool = False,
+                control: bool = True):
     """ChannelPrune at each percentage, then fine-tune (`recipe`, default 1 epoch at lr 0.02; with
     `fixed`, the pruned model's spatial filters are fixed at that init first, as the paper's runs).
-    The first row (pct 0) is the unpruned model. With `return_models`, (table, {"pruned <pct>%": model})."""
+    One row per `model`: "unpruned" (pct 0, not fine-tuned), with `control` and a recipe that trains
+    "unpruned, fine-tuned" (pct 0, the same recipe: the baseline that tells what pruning costs from what
+    fine-tuning alone changes, e.g. a checkpoint meeting a shifted training split), then "pruned <pct>%".
+    With `return_models`, (table, {name: model}) for every fine-tuned row."""
     for pct in pcts:
         check_pct(pct)
     check_prunable(model)
@@ -166,28 +171,36 @@ def prune_sweep(model: FeatureModel, train: ImageSplit, test: ImageSplit, pcts=(
     model = copy.deepcopy(model).cpu().eval()
     example = train.normalize(train.images[:64])
 
-    def row(pct, m, acc_before, seconds):
+    def row(name, pct, m, acc_before, seconds, macs):
         r = _relative(m, train, test, k, k_prime)
-        return {"pct": pct, "kernels": sum(c.weight[:, :, 0, 0].numel() for _, c in spatial_convs(m)),
+        return {"model": name, "pct": pct, "kernels": sum(c.weight[:, :, 0, 0].numel() for _, c in spatial_convs(m)),
                 "params": sum(p.numel() for p in m.parameters()), "latency_ms": latency_ms(m, example),
                 "acc_before_finetune": acc_before, "acc": r["acc_full"], "relative": r["relative"],
-                "finetune_seconds_per_epoch": seconds}
+                "finetune_seconds_per_epoch": seconds, "macs": macs}
 
-    rows = [{**row(0, model, accuracy(predict(model, test), test.labels), float("nan")),
-             "macs": macs_and_params(model, example[:1])[0]}]
-    models = {}
+    def finetune(m):  # seconds per epoch (NaN without epochs)
+        start = time.perf_counter()
+        if recipe.epochs:
+            train_classifier(m, train, recipe, device, seed, progress=False)
+        return (time.perf_counter() - start) / recipe.epochs if recipe.epochs else float("nan")
+
+    unpruned_macs, unpruned_acc = macs_and_params(model, example[:1])[0], accuracy(predict(model, test), test.labels)
+    rows, models = [row("unpruned", 0, model, unpruned_acc, float("nan"), unpruned_macs)], {}
+    if control and recipe.epochs:
+        tuned = copy.deepcopy(model)
+        seconds = finetune(tuned)
+        rows.append(row("unpruned, fine-tuned", 0, tuned.cpu().eval(), unpruned_acc, seconds, unpruned_macs))
+        models["unpruned, fine-tuned"] = tuned
     for pct in pcts:
         pruned, report = channel_prune(model, train, pct, saliency, max_images=max_images, seed=seed,
                                        keep_per_layer=keep_per_layer, device=device)
         acc_before = accuracy(predict(pruned, test), test.labels)
         if fixed is not None:
             fix_spatial_filters(pruned, fixed, seed=seed)
-        start = time.perf_counter()
-        if recipe.epochs:
-            train_classifier(pruned, train, recipe, device, seed, progress=False)
-        seconds = (time.perf_counter() - start) / max(recipe.epochs, 1) if recipe.epochs else float("nan")
-        rows.append({**row(pct, pruned.cpu().eval(), acc_before, seconds), "macs": report["macs_after"]})
-        models[f"pruned {pct:g}%"] = pruned
+        seconds = finetune(pruned)
+        name = f"pruned {pct:g}%"
+        rows.append(row(name, pct, pruned.cpu().eval(), acc_before, seconds, report["macs_after"]))
+        models[name] = pruned
     return (pd.DataFrame(rows), models) if return_models else pd.DataFrame(rows)
 
 
