@@ -220,3 +220,12 @@ def test_bad_test_inputs_are_refused_naming_them():
     spoiled[1, 1] = float("nan")
     with pytest.raises(ValueError, match="test features"):
         evaluate(head, influence, spoiled, labels)
+
+
+def test_the_mask_lives_on_the_heads_device():
+    """Without a GPU: on PyTorch's "meta" device (shapes, no data) the mask buffer must follow the head's weights,
+    or a head moved to a GPU would mix devices in every forward."""
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    head = DecomposedHead(nn.Linear(3, 2, device="meta"), mask)
+    assert head.mask.device.type == head.weight.device.type == head.bias.device.type == "meta"
+    assert head(torch.empty(4, 3, device="meta")).device.type == "meta"
