@@ -9,6 +9,7 @@ import importlib.util
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -229,11 +230,12 @@ def test_a_cache_path_that_is_a_file_is_said_once(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("x")
     monkeypatch.setenv("CLASSFILTERS_CACHE", str(blocked))
-    with pytest.warns(cache.CacheWarning, match=f"{re.escape(str(blocked))}.* cannot be written .*CLASSFILTERS_CACHE") as caught:
-        assert cache.writable("features") is False
-        assert cache.writable("models") is False
-        assert cache.save("features", {"k": 1}, {"f": torch.ones(1)}) is None
-    assert len(caught) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answers = cache.writable("features"), cache.writable("models"), cache.save("features", {"k": 1}, {"f": torch.ones(1)})
+    assert answers == (False, False, None)
+    assert len(caught) == 1 and caught[0].category is cache.CacheWarning
+    assert re.search(f"{re.escape(str(blocked))}.* cannot be written .*CLASSFILTERS_CACHE", str(caught[0].message))
     monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path / "ok"))
     assert cache.writable("features") is True and (tmp_path / "ok" / "features").is_dir()
 
@@ -269,9 +271,9 @@ def test_a_function_is_identified_by_its_code_constants_defaults_and_closure(tmp
     assert cache.code_identity(make(1)) == cache.code_identity(make(1))
 
     def not_yet():
-        return later  # noqa: F821 -- an empty closure cell is fine
+        return later
     assert len(cache.code_identity(not_yet)) == 24
-    later = 1  # noqa: F841
+    later = 1
 
 
 def test_partials_builtins_and_callable_objects_are_identified():
@@ -281,7 +283,7 @@ def test_partials_builtins_and_callable_objects_are_identified():
     assert len({cache.code_identity(p) for p in (p1, p2, p3)}) == 3
     assert cache.code_identity(functools.partial(g, 1)) == cache.code_identity(p1)
     assert cache.code_identity(len) != cache.code_identity(abs)  # builtins: their names
-    no_source = [eval(f"lambda x: x + {i}") for i in (1, 1, 2)]  # noqa: S307 -- no file to read the source from
+    no_source = [eval(f"lambda x: x + {i}") for i in (1, 1, 2)]
     assert [cache.code_identity(f) for f in no_source].count(cache.code_identity(no_source[0])) == 2
 
     class Scale:

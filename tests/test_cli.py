@@ -85,9 +85,9 @@ def test_pretrained_weights_load_offline_from_torchvision_cache(tmp_path, monkey
     through and compares the weights' 1000 classes with the dataset's before any work (issue 16)."""
     import torch
     import torchvision
+    from test_security import CLASSES, jpeg_tree
 
     from classfilters import build_model
-    from test_security import CLASSES, jpeg_tree
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     folder = tmp_path / "torch" / "hub" / "checkpoints"
@@ -140,8 +140,8 @@ def test_every_bad_argument_is_said_in_order(tmp_path):
         "--k=0 is out of range: a count must lie between 1 and D (or give a fraction of mass in (0, 1], e.g. 0.9)",
         "--k-prime=1.5 is out of range: a fraction of mass must lie in (0, 1] (or give a count, e.g. 5)",
         "--batch-size 0: must be at least 1",
-        "--train-epochs 0: must be at least 1 (an untrained model gives meaningless features; pass --checkpoint or "
-        "--pretrained for given weights)",
+        ("--train-epochs 0: must be at least 1 (an untrained model gives meaningless features; pass --checkpoint or "
+         "--pretrained for given weights)"),
         f"--checkpoint {tmp_path / 'missing.th'}: no such file",
         "--dataset cifar10:/no/such/place: /no/such/place does not exist",
         "--device warp-drive: not a device name; use cpu, cuda or cuda:<index>",
@@ -163,10 +163,10 @@ def test_dataset_specs(tmp_path, monkeypatch):
     from classfilters.cli import _dataset_errors
     assert _dataset_errors("digits") == [] and _dataset_errors("cifar10") == []
     assert _dataset_errors(f"imagefolder:{tmp_path}") == [] and _dataset_errors(f"cifar10:{tmp_path}") == []
-    assert _dataset_errors("mnist") == ["--dataset mnist: unknown kind 'mnist'; use digits, cifar10, cifar10:<path> "
-                                        "or imagefolder:<path>"]
-    assert _dataset_errors("digits:x") == ["--dataset digits:x: digits takes no path (it is scikit-learn's bundled "
-                                           "set); pass 'digits'"]
+    assert _dataset_errors("mnist") == [("--dataset mnist: unknown kind 'mnist'; use digits, cifar10, cifar10:<path> "
+                                         "or imagefolder:<path>")]
+    assert _dataset_errors("digits:x") == [("--dataset digits:x: digits takes no path (it is scikit-learn's bundled "
+                                            "set); pass 'digits'")]
     for spec in ("imagefolder", "imagefolder:"):
         assert _dataset_errors(spec) == [f"--dataset {spec}: imagefolder needs a path, e.g. imagefolder:/data/imagenet"]
     assert _dataset_errors(f"imagefolder:{tmp_path / 'gone'}") == [
@@ -206,15 +206,15 @@ def test_output_paths(tmp_path, monkeypatch):
     assert _out_errors(a_file) == []  # overwritten
     said = f"--out {a_file / 'r.json'}: cannot be written (check the folder's permissions)"
     assert _out_errors(a_file / "r.json") == [said]
-    import classfilters.cli as cli
+    from classfilters import cli
     asked = []
 
     def refuse(path, mode):  # as for a folder or file we may not write (root may write anything)
         asked.append((Path(path), mode))
         return False
     monkeypatch.setattr(cli.os, "access", refuse)
-    assert _out_errors(tmp_path / "r.json") == [f"--out {tmp_path / 'r.json'}: cannot be written (check the folder's "
-                                                "permissions)"]
+    assert _out_errors(tmp_path / "r.json") == [(f"--out {tmp_path / 'r.json'}: cannot be written (check the folder's "
+                                                 "permissions)")]
     assert asked == [(tmp_path, os.W_OK | os.X_OK)]
     monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != a_file)  # the folder yes, the file no
     assert _out_errors(a_file) == [f"--out {a_file}: cannot be written (check the folder's permissions)"]
@@ -238,8 +238,8 @@ def test_bad_arguments_exit_2_with_one_line_each(tmp_path, capsys):
     assert main(["--model", "resnet8", "--dataset", "mnist", "--batch-size", "0"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "python -m classfilters: error: --batch-size 0: must be at least 1",
-        "python -m classfilters: error: --dataset mnist: unknown kind 'mnist'; use digits, cifar10, cifar10:<path> "
-        "or imagefolder:<path>"]
+        ("python -m classfilters: error: --dataset mnist: unknown kind 'mnist'; use digits, cifar10, cifar10:<path> "
+         "or imagefolder:<path>")]
 
 
 def test_the_json_goes_to_stdout_without_out_and_the_summary_to_stderr(tmp_path, capsys):

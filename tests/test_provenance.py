@@ -55,7 +55,7 @@ def repo(tmp_path, monkeypatch):
 
 
 def test_the_commit_and_what_makes_it_dirty(repo):
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
     assert provenance.git_commit(repo) == (head, False)
     (repo / "docs" / "f.txt").write_text("2")             # outside lib, notebooks and profiles
     (repo / "notebooks" / "new.ipynb").write_text("{}")   # untracked, not in lib

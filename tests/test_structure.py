@@ -222,7 +222,7 @@ def test_panel_redraws_what_the_sliders_and_picker_say():
         seen.add(image.value)
     reference = influential_features(features, labels, 2, 9)
     accuracy = evaluate(panel.subject.head, reference, features, labels)["acc_decomposed"]
-    assert f"<b>k</b> = 2, <b>k'</b> = 9" in text.value and "<b>class</b> c3" in text.value
+    assert "<b>k</b> = 2, <b>k'</b> = 9" in text.value and "<b>class</b> c3" in text.value
     assert f"<b>accuracy</b> {accuracy:.4f}" in text.value
     assert f"= {reference.indices[3]}" in text.value
     assert f"<b>multiply-adds</b> {sum(map(len, reference.indices))} of {32 * panel.c}" in text.value
