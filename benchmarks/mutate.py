@@ -50,7 +50,8 @@ MODULES = {
     "cache": ["test_cache.py", "test_security.py", "test_planted_bugs.py"],            # the cache keys and checks
     "cli": ["test_cli.py", "test_security.py", "test_planted_bugs.py"],
     "runner": ["test_runner.py", *RESUME, "test_planted_bugs.py"],            # --resume
-    "provenance": ["test_provenance.py", *RESUME, "test_planted_bugs.py"],        # what --resume trusts
+    "provenance": ["test_provenance.py", "test_planted_bugs.py"],  # what --resume trusts, unit by unit (RESUME's
+    # kernels would make each of its ~360 mutants a minute; they run for `runner`)
     "tables": ["test_tables.py", "test_planted_bugs.py"],  # the study tables (test_notebooks.py runs them too, too slow per mutant)
 }
 ALSO_COPY = ("figures", "profiles", "notebooks", "data", "benchmarks", "README.md", "RESULTS.md", "Makefile")

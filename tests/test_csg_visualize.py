@@ -297,3 +297,63 @@ def test_image_correlation_is_pearsons_r_per_image_and_map():
             expected = np.corrcoef(brightness, maps[n, m].flatten().numpy())[0, 1]
             assert got[n, m].item() == pytest.approx(expected, abs=1e-5)
     assert got[1, 2].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_overlay_figure_draws_each_map_over_the_grey_image():
+    """What the figure holds, read back from matplotlib: per row the picture (RGB in [0, 1]), then per map its grey
+    copy (brightness, vmin 0, vmax 1) under the map in `inferno` whose opacity is `alpha` x the map's value; titles,
+    row labels, no ticks, one colour bar; pixels drawn as pixels on small images."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    gen = torch.Generator().manual_seed(0)
+    for channels, size, interpolation in ((1, 8, "nearest"), (3, 40, "antialiased")):
+        images = torch.randint(0, 256, (2, channels, size, size), generator=gen, dtype=torch.uint8)
+        maps = torch.rand(2, 3, size, size, generator=gen)
+        fig = visualize.overlay_figure(images, maps, ["first", "second"], alpha=0.5)
+        axes = fig.axes
+        assert len(axes) == 2 * 4 + 1 and axes[-1].get_label() == "<colorbar>"
+        assert axes[-1].get_ylabel().startswith("map value")
+        assert [axes[c].get_title() for c in range(4)] == ["image", *visualize.MAP_NAMES]
+        assert [axes[4 * r].get_ylabel() for r in range(2)] == ["first", "second"]
+        inferno = plt.get_cmap("inferno")
+        for r in range(2):
+            picture = images[r].permute(1, 2, 0).float().numpy() / 255
+            shown = axes[4 * r].images[0]
+            assert np.allclose(shown.get_array(), np.broadcast_to(picture, (size, size, 3)))
+            assert shown.get_interpolation() == interpolation
+            for c in range(3):
+                ax = axes[4 * r + c + 1]
+                grey, overlay = ax.images
+                assert np.allclose(grey.get_array(), picture.mean(-1)) and grey.get_clim() == (0, 1)
+                assert grey.get_cmap().name == "gray" and grey.get_interpolation() == interpolation
+                expected = inferno(maps[r, c].numpy())
+                expected[..., 3] = 0.5 * maps[r, c].numpy()
+                assert np.allclose(overlay.get_array(), expected)
+        assert all(not ax.get_xticks().size and not ax.get_yticks().size for ax in axes[:-1])
+        plt.close(fig)
+
+
+def test_class_maps_are_the_chosen_channels_means_upsampled_and_scaled_to_0_1():
+    """Against a reference built here: per image, the mean of its standard / non-influential / influential channels
+    (the ablation's sets for the non-influential ones), upsampled bilinearly to the image and min-max scaled."""
+    from classfilters.ablation import non_influential_mask
+    from classfilters.influence import InfluentialFeatures
+    test = open_dataset("digits", "test")
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 12, 3, stride=2, padding=1), nn.ReLU())  # 4 x 4 maps of 8 x 8 digits
+    model = FeatureModel(body, nn.Linear(12, 10)).eval()
+    index = torch.tensor([0, 5, 9])
+    images, labels = visualize.fetch_images(test, index), test.labels[index]
+    influence = InfluentialFeatures([[c, c + 1] for c in range(10)], torch.zeros(10, 12, dtype=torch.int64), 2, 2)
+    maps, raw = visualize.class_maps(model, test, images, labels, influence, seed=4)
+    with torch.no_grad():
+        channel_maps = body(test.normalize(images)).float()
+    outside = non_influential_mask(influence, 4)
+    for n, y in enumerate(labels.tolist()):
+        assert outside[y].sum() == 2 and not (outside[y] & influence.mask[y]).any()
+        for m, chosen in enumerate((torch.ones(12, dtype=torch.bool), outside[y], influence.mask[y])):
+            mean = channel_maps[n, chosen].mean(0)
+            assert torch.allclose(raw[n, m], mean.mean(), atol=1e-6)
+            up = nn.functional.interpolate(mean[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
+            expected = (up - up.min()) / (up.max() - up.min())
+            assert torch.allclose(maps[n, m], expected, atol=1e-5), (n, m)
