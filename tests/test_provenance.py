@@ -83,6 +83,27 @@ def test_without_git_the_commit_comes_from_the_environment_or_a_file(tmp_path, m
     assert len(said) == 1
 
 
+def test_a_folder_inside_another_checkout_or_a_broken_one_is_not_read_as_a_checkout(repo, monkeypatch):
+    """Only a root holding .git is asked for its commit: a copy inside another repository does not take that
+    repository's HEAD, and a .git that git refuses falls back as having no git."""
+    monkeypatch.setenv("CLASSFILTERS_COMMIT", "c0ffee1")
+    copy = repo / "docs" / "copy"
+    copy.mkdir()
+    assert provenance.git_commit(copy) == ("c0ffee1", None)
+    broken = repo.parent / "broken"
+    broken.mkdir()
+    (broken / ".git").write_text("gitdir: /nowhere\n")
+    said = []
+    assert provenance.git_commit(broken, said.append) == ("c0ffee1", None) and said == []
+    monkeypatch.delenv("CLASSFILTERS_COMMIT")
+    said = []
+    assert provenance.code_state(broken, said.append)["git_commit"] == "unknown"
+    assert said == [(f"note: {broken} is a git checkout but git could not name its HEAD (no git program, or git "
+                    "refusing a checkout owned by another user), and neither $CLASSFILTERS_COMMIT nor a COMMIT file "
+                    "names the commit: provenance records 'unknown' (the library's source hash still identifies the "
+                    "code)")]
+
+
 def test_a_checkout_without_the_git_program_falls_back(repo, monkeypatch):
     def no_git(*args, **kwargs):
         raise FileNotFoundError(2, "git")
@@ -140,6 +161,8 @@ def test_why_a_notebook_runs_again_each_reason_in_turn(tmp_path):
              "outputs": {"t.csv": sha(b"t")}}
     assert provenance.why_stale(entry, code, notebook, executed, out, "d") == ""
     assert provenance.why_stale(entry, code, notebook, executed, out) == ""  # no settings to compare
+    no_outputs = {key: value for key, value in entry.items() if key != "outputs"}
+    assert provenance.why_stale(no_outputs, code, notebook, executed, out, "d") == ""  # a notebook that wrote nothing
     assert provenance.why_stale({}, code, notebook, executed, out, "d") == "not done"
     assert provenance.why_stale({**entry, "status": "failed"}, code, notebook, executed, out, "d") == "last status failed"
     assert provenance.why_stale(entry, code, notebook, executed, out, "e") == "the profile's settings changed"
@@ -181,11 +204,24 @@ def test_reading_and_writing_records(tmp_path):
             provenance.read(path)
 
 
+def test_a_record_is_written_one_field_a_line_and_a_failed_write_says_why(tmp_path):
+    """Committed records diff line by line (indented JSON); a write that fails before its temporary exists raises
+    its own error, not one about removing the temporary."""
+    path = tmp_path / "provenance.json"
+    record = {"profile": "demo", "notebooks": {"01": {"status": "ok"}}}
+    provenance.write(path, record)
+    assert path.read_text() == json.dumps(record, indent=1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError):
+        provenance.write(blocker / "provenance.json", record)  # its folder is a file: nothing could be created
+
+
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 25
 model\t\t: 17
-model name\t: AMD EPYC 9B14
+model name\t: AMD EPYC 9B14 (rev: B1)
 flags\t\t: fpu sse avx2 avx512f avx512_bf16
 
 processor\t: 1
@@ -199,8 +235,8 @@ def test_cpu_info_reads_the_first_processor(monkeypatch):
     def fake(self, *a, **kw):
         return CPUINFO if str(self) == "/proc/cpuinfo" else real(self, *a, **kw)
     monkeypatch.setattr(provenance.Path, "read_text", fake)
-    assert provenance.cpu_info() == {"vendor": "AuthenticAMD", "family": 25, "model": 17, "name": "AMD EPYC 9B14",
-                                     "avx512": True}
+    assert provenance.cpu_info() == {"vendor": "AuthenticAMD", "family": 25, "model": 17,
+                                     "name": "AMD EPYC 9B14 (rev: B1)", "avx512": True}  # split at the first colon
     monkeypatch.setattr(provenance.Path, "read_text", lambda self, *a, **kw: CPUINFO.replace("avx512f ", "")
                         .replace("model\t\t: 17", "model\t\t: x1"))
     info = provenance.cpu_info()
@@ -211,6 +247,10 @@ def test_cpu_info_reads_the_first_processor(monkeypatch):
     monkeypatch.setattr(provenance.Path, "read_text", unreadable)
     info = provenance.cpu_info()
     assert info["family"] is None and info["model"] is None and "avx512" not in info
+    monkeypatch.setattr(provenance.platform, "machine", lambda: "riscv64")
+    for processor, name in (("", "riscv64"), ("Some CPU", "Some CPU")):  # no processor name: the machine's
+        monkeypatch.setattr(provenance.platform, "processor", lambda processor=processor: processor)
+        assert provenance.cpu_info() == {"vendor": "riscv64", "family": None, "model": None, "name": name}
 
 
 def test_device_names_and_versions(monkeypatch):
@@ -225,7 +265,7 @@ def test_device_names_and_versions(monkeypatch):
         monkeypatch.setattr(device, "native_cpu_bf16", lambda native=native: native)
         assert provenance.device_name() == f"cpu: Chip (family 6, model 143; {os.cpu_count()} cores; {said})"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: {0: "NVIDIA H100", 1: "other"}[i])  # the first GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert provenance.device_name() == "cuda: NVIDIA H100 (x2)"
     monkeypatch.setattr(provenance, "LIBRARIES", ("numpy", "no-such-package-here"))
