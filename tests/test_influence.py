@@ -240,3 +240,74 @@ def test_the_dict_form_names_every_field_and_defaults_the_optional_ones():
     minimal = {"indices": [[1], [0]], "histograms": [[0, 2], [3, 1]], "k": 1, "k_prime": 1}
     back = InfluentialFeatures.from_dict(minimal)
     assert back.rank_by == "value" and back.provenance == {} and back.histograms.dtype == torch.int64
+
+
+def test_the_torch_path_equals_the_reference_for_signed_features_in_both_rankings():
+    """float64 features leave the CPU kernel for the chunked torch path: there too, signed features are ranked by
+    magnitude ("auto") or by value as asked, the sets equal the reference loop's and the histograms are int64
+    counts, whatever the chunk size."""
+    gen = torch.Generator().manual_seed(11)
+    features = torch.randn(240, 20, generator=gen, dtype=torch.float64)
+    labels = torch.arange(240) % 4
+    auto = influential_features(features, labels, 3, 4)
+    assert auto.rank_by == "magnitude" and auto.histograms.dtype == torch.int64
+    assert auto.indices == influential_features_loop(features.numpy(), labels.numpy(), 3, 4, 4)
+    by_value = influential_features(features, labels, 3, 4, rank_by="value")
+    shifted = features - features.min()  # non-negative, the same order of values in every row
+    assert by_value.indices == influential_features_loop(shifted.numpy(), labels.numpy(), 3, 4, 4) != auto.indices
+    chunked, rank_by = class_histograms(features, labels, 4, 3, chunk_size=50)
+    assert rank_by == "magnitude" and chunked.dtype == torch.int64 and torch.equal(chunked, auto.histograms)
+    assert int(chunked.sum()) == 3 * 240
+    assert auto.provenance == {"num_train": 240} and influential_features(
+        features, labels, 3, 4, provenance={"model": "m"}).provenance == {"num_train": 240, "model": "m"}
+
+
+def test_the_cpu_kernel_serves_a_count_of_float32_16_and_bf16_features(monkeypatch):
+    """The same histograms come from two paths; the fast one must serve what it can: the CPU kernel for float32,
+    float16 and bfloat16 with an integer k (ranked by magnitude, or by value when nothing is negative), the torch
+    path (topk / mass per chunk) for float64, fractions of mass and the value ranking of signed features."""
+    from classfilters import influence
+    calls = []
+    topk, mass = influence.topk_indices, influence.mass_mask
+    monkeypatch.setattr(influence, "topk_indices", lambda s, k: calls.append("torch") or topk(s, k))
+    monkeypatch.setattr(influence, "mass_mask", lambda s, f: calls.append("torch") or mass(s, f))
+    gen = torch.Generator().manual_seed(2)
+    signed = torch.randn(60, 10, generator=gen)
+    positive, labels = signed.abs() + 0.1, torch.arange(60) % 3
+    cases = [(positive, 3, "auto", []), (signed, 3, "auto", []), (positive, 3, "value", []),
+             (positive.half(), 3, "auto", []), (positive.bfloat16(), 3, "auto", []),
+             (positive.double(), 3, "auto", ["torch"]), (positive, 0.5, "auto", ["torch"]),
+             (signed, 3, "value", ["torch"])]
+    for features, k, rank_by, path in cases:
+        calls.clear()
+        histograms, _ = class_histograms(features, labels, 3, k, rank_by)
+        assert calls == path, (features.dtype, k, rank_by)
+        assert histograms.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.filterwarnings("ignore:training features. 3 of 240 rows are all zero")  # beside the NaN refused
+def test_zero_rows_and_bad_rows_are_named_in_both_paths(dtype):
+    """All-zero rows are counted in a warning, and NaN rows refused, naming the features (kernel and torch path)."""
+    features, labels = planted()
+    features = features.to(dtype)
+    features[[4, 9, 13]] = 0.0
+    with pytest.warns(UserWarning, match=r"^training features: 3 of 240 rows are all zero; their top k is the first k"):
+        influential_features(features, labels, 2, 2)
+    with pytest.warns(UserWarning, match=r"^features: 3 of 240 rows are all zero"):
+        class_histograms(features, labels, 6, 2)
+    features[7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^training features: 1 rows hold NaN or inf \(first rows \[7\]\)"):
+        influential_features(features, labels, 2, 2)
+
+
+def test_bad_shapes_labels_and_sizes_are_named():
+    features, labels = planted()
+    with pytest.raises(ValueError, match=r"^training features: features must be \(N, D\), got shape \(240,\)"):
+        influential_features(features[:, 0], labels, 2, 2)
+    with pytest.raises(ValueError, match=r"^features: features must be \(N, D\)"):
+        class_histograms(features[:, 0], labels, 6, 2)
+    with pytest.raises(ValueError, match=r"k=0 is out of range"):
+        class_histograms(features, labels, 6, 0)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\)"):  # a label 5 in a 5-class problem
+        influential_features(features, labels, 2, 2, num_classes=5)
