@@ -306,29 +306,37 @@ def test_the_overlay_figure_draws_each_map_over_the_grey_image():
     import matplotlib.pyplot as plt
     import numpy as np
     gen = torch.Generator().manual_seed(0)
-    for channels, size, interpolation in ((1, 8, "nearest"), (3, 40, "antialiased")):
-        images = torch.randint(0, 256, (2, channels, size, size), generator=gen, dtype=torch.uint8)
-        maps = torch.rand(2, 3, size, size, generator=gen)
-        fig = visualize.overlay_figure(images, maps, ["first", "second"], alpha=0.5)
+    cases = ((1, 8, 8, 2, "nearest"), (3, 40, 40, 2, "antialiased"), (3, 32, 32, 1, "nearest"),
+             (1, 8, 40, 2, "antialiased"), (1, 40, 8, 1, "antialiased"))  # (channels, height, width, rows, drawn as)
+    for channels, height, width, n, interpolation in cases:
+        images = torch.randint(0, 256, (n, channels, height, width), generator=gen, dtype=torch.uint8)
+        maps = torch.rand(n, 3, height, width, generator=gen)
+        titles = ["first", "second"][:n]
+        fig = visualize.overlay_figure(images, maps, titles, alpha=0.5)
         axes = fig.axes
-        assert len(axes) == 2 * 4 + 1 and axes[-1].get_label() == "<colorbar>"
+        assert len(axes) == n * 4 + 1 and axes[-1].get_label() == "<colorbar>"
         assert axes[-1].get_ylabel().startswith("map value")
         assert [axes[c].get_title() for c in range(4)] == ["image", *visualize.MAP_NAMES]
-        assert [axes[4 * r].get_ylabel() for r in range(2)] == ["first", "second"]
+        assert [axes[4 * r].get_ylabel() for r in range(n)] == titles
         inferno = plt.get_cmap("inferno")
-        for r in range(2):
+
+        def drawn(image):  # what imshow holds, every value present (matplotlib masks NaN)
+            array = image.get_array()
+            assert not np.ma.is_masked(array)
+            return np.ma.getdata(array)
+        for r in range(n):
             picture = images[r].permute(1, 2, 0).float().numpy() / 255
             shown = axes[4 * r].images[0]
-            assert np.allclose(shown.get_array(), np.broadcast_to(picture, (size, size, 3)))
+            assert np.allclose(drawn(shown), np.broadcast_to(picture, (height, width, 3)))
             assert shown.get_interpolation() == interpolation
             for c in range(3):
                 ax = axes[4 * r + c + 1]
                 grey, overlay = ax.images
-                assert np.allclose(grey.get_array(), picture.mean(-1)) and grey.get_clim() == (0, 1)
+                assert np.allclose(drawn(grey), picture.mean(-1)) and grey.get_clim() == (0, 1)
                 assert grey.get_cmap().name == "gray" and grey.get_interpolation() == interpolation
                 expected = inferno(maps[r, c].numpy())
                 expected[..., 3] = 0.5 * maps[r, c].numpy()
-                assert np.allclose(overlay.get_array(), expected)
+                assert np.allclose(drawn(overlay), expected)
         assert all(not ax.get_xticks().size and not ax.get_yticks().size for ax in axes[:-1])
         plt.close(fig)
 

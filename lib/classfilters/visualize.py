@@ -77,7 +77,7 @@ def overlay_figure(images: torch.Tensor, maps: torch.Tensor, titles: list[str], 
     pictures = images.permute(0, 2, 3, 1).float() / 255
     pictures = pictures.expand(-1, -1, -1, 3) if pictures.shape[-1] == 1 else pictures
     cmap = plt.get_cmap("inferno")
-    small = images.shape[-1] <= 32  # digits, CIFAR: show the pixels, not a blur of them
+    small = max(images.shape[-2:]) <= 32  # digits, CIFAR: show the pixels, not a blur of them
     for row in range(n):
         axes[row, 0].imshow(pictures[row].numpy(), interpolation="nearest" if small else "antialiased")
         axes[row, 0].set_ylabel(titles[row], fontsize=8)
