@@ -316,6 +316,8 @@ def test_the_overlay_figure_draws_each_map_over_the_grey_image():
         axes = fig.axes
         assert len(axes) == n * 4 + 1 and axes[-1].get_label() == "<colorbar>"
         assert axes[-1].get_ylabel().startswith("map value")
+        bar = axes[-1]._colorbar.mappable  # the bar's scale is the maps' [0, 1] in the overlay's colours
+        assert (bar.norm.vmin, bar.norm.vmax, bar.cmap.name) == (0, 1, "inferno")
         assert [axes[c].get_title() for c in range(4)] == ["image", *visualize.MAP_NAMES]
         assert [axes[4 * r].get_ylabel() for r in range(n)] == titles
         inferno = plt.get_cmap("inferno")
