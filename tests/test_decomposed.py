@@ -229,3 +229,15 @@ def test_the_mask_lives_on_the_heads_device():
     head = DecomposedHead(nn.Linear(3, 2, device="meta"), mask)
     assert head.mask.device.type == head.weight.device.type == head.bias.device.type == "meta"
     assert head(torch.empty(4, 3, device="meta")).device.type == "meta"
+
+
+def test_evaluate_scores_a_float32_copy_and_leaves_the_models_head_alone():
+    """A float64 head is scored as a float32 copy (the features' dtype): the model's own head keeps its dtype
+    and weights, and the result equals that of the same head made in float32."""
+    features, labels = planted()
+    influence = influential_features(features, labels, 2, 2)
+    head = random_head(32, 6).double()
+    before = head.weight.detach().clone()
+    result = evaluate(head, influence, features, labels)
+    assert head.weight.dtype == torch.float64 and torch.equal(head.weight.detach(), before)
+    assert result == evaluate(random_head(32, 6), influence, features, labels)
