@@ -419,6 +419,30 @@ def test_tables_for_the_notebooks(digits, digits_model):
         compare_initialisations("resnet8", train, test, ("learned", "nope"))
 
 
+def test_a_fixed_network_is_retrained_when_the_code_that_made_it_changes_and_only_then(digits, monkeypatch):
+    """The cache key of `train_fixed` holds the source of the training code (fixed_training, fixed_filters, train):
+    an edit of any of them retrains; an edit of the tables built on top (explainfix_tables) does not."""
+    from classfilters import explainfix_tables, fixed_filters, fixed_training
+    from classfilters import train as train_module
+    train, _ = digits
+    train = train.subset(torch.arange(128))
+    recipe = Recipe(epochs=1, batch_size=64, lr=0.05, flip=False)
+    trained = []
+    real = fixed_training.train_classifier
+    monkeypatch.setattr(fixed_training, "train_classifier", lambda *a, **k: (trained.append(1), real(*a, **k))[1])
+    fixed_training.train_fixed("resnet8", train, "DCT2", recipe, seed=5)
+    assert len(trained) == 1
+    monkeypatch.setattr(explainfix_tables, "SOURCE_DIGEST", "edited", raising=False)
+    fixed_training.train_fixed("resnet8", train, "DCT2", recipe, seed=5)
+    assert len(trained) == 1  # the tables' code is not part of the key
+    for module in (fixed_training, fixed_filters, train_module):
+        with monkeypatch.context() as m:
+            m.setattr(module, "SOURCE_DIGEST", f"edited {module.__name__}")
+            before = len(trained)
+            fixed_training.train_fixed("resnet8", train, "DCT2", recipe, seed=5)
+            assert len(trained) == before + 1, module.__name__
+
+
 def test_the_sweeps_control_is_the_unpruned_model_fine_tuned_by_the_same_recipe(digits, digits_model):
     """The row "unpruned, fine-tuned" equals fine-tuning a copy of the model by hand with the sweep's recipe and
     seed; it is left out without epochs or when not asked for."""

@@ -25,7 +25,7 @@ _EXPORTS = {
     "class_specific_table": "explainfix_tables", "class_subset_table": "explainfix_tables",
     "compare_initialisations": "explainfix_tables", "compare_architectures": "explainfix_tables",
     "low_frequency_table": "explainfix_tables",
-    "prune_sweep": "explainfix_tables", "train_fixed": "explainfix_tables",
+    "prune_sweep": "explainfix_tables", "train_fixed": "fixed_training",
     "class_specific_report": "explainfix_tables", "export_and_check": "explainfix_tables",
     "skip_reason": "explainfix_tables",
     "INITS": "fixed_filters", "dct_basis": "fixed_filters", "diagonal_order": "fixed_filters",

@@ -1,8 +1,6 @@
 """ExplainFix's claims as one-line calls returning DataFrames, joined to class-specific features.
 
-- `train_fixed`: a model trained from scratch with its spatial filters fixed at `init` ("learned":
-  nothing fixed), cached under the model, data, recipe, seed, init (and GuidedSteer source);
-  seconds per epoch are measured when trained (and cached with it).
+- `train_fixed` (from `fixed_training`): a model trained from scratch with its spatial filters fixed at `init`.
 - `compare_initialisations`: per init, test accuracy, trainable / total parameters, seconds per
   epoch, and our relative accuracy at k = k' (decomposed / full head); `compare_architectures`
   the same for several architectures (e.g. a CIFAR ResNet and its bottleneck variant with 1x1 convs).
@@ -22,20 +20,16 @@
 from __future__ import annotations
 
 import copy
-import sys
 import time
-from dataclasses import asdict
 
 import pandas as pd
 import torch
 from torch import nn
 
-from . import cache, fixed_filters
 from .ablation import noise_ablation, summarize
 from .class_subset import class_subset_model, export_subset_model, latency_ms, predict
 from .data import ImageSplit
 from .decomposed import accuracy, evaluate
-from .device import training_precision
 from .explainsteer import low_frequency_share
 from .features import extract_features
 from .fixed_filters import (
@@ -46,38 +40,11 @@ from .fixed_filters import (
     spatial_convs,
     trainable_parameters,
 )
+from .fixed_training import train_fixed
 from .influence import influential_features
-from .models import FeatureModel, build_model, fingerprint
+from .models import FeatureModel, build_model
 from .prune import channel_prune, check_pct, check_prunable, macs_and_params
-from .train import Recipe, train_classifier, training_key
-
-SOURCE_DIGEST = cache.source_digest(sys.modules[__name__])  # this file as imported (train_fixed builds the models)
-
-def train_fixed(name: str, train: ImageSplit, init: str = "learned", recipe: Recipe | None = None, seed: int = 0,
-                source: nn.Module | None = None, device=None, progress: bool = False) -> tuple[FeatureModel, float]:
-    """(model trained on `train` with spatial filters fixed at `init`, seconds per epoch when trained)."""
-    recipe = recipe or Recipe()
-    init = "learned" if init == "learned" else _canonical_init(init)
-    in_channels = train.images.shape[1]
-    torch.manual_seed(seed)
-    model = build_model(name, num_classes=train.num_classes, in_channels=in_channels)
-    check_has_spatial_convs(model)  # refused before any training, learned or not
-    if init != "learned":
-        fix_spatial_filters(model, init, source=source, seed=seed)
-    key = {"model": name, "data": train.fingerprint, "recipe": asdict(recipe),
-           "precision": training_precision(recipe.precision, device), "seed": seed, "init": init,
-           "source": fingerprint(source) if init == "GuidedSteer" else None, "in_channels": in_channels,
-           "classes": train.num_classes, "kind": "explainfix-fixed", **training_key(model, fixed_filters.SOURCE_DIGEST, SOURCE_DIGEST)}
-    if (blob := cache.load("models", key)) is not None:
-        seconds = float(blob.pop("__seconds_per_epoch__"))
-        model.load_state_dict(blob)
-        return model.eval(), seconds
-    start = time.perf_counter()
-    train_classifier(model, train, recipe, device, seed, progress)
-    seconds = (time.perf_counter() - start) / max(recipe.epochs, 1)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    cache.save("models", key, {**state, "__seconds_per_epoch__": torch.tensor(seconds)})
-    return model.cpu().eval(), seconds
+from .train import Recipe, train_classifier
 
 
 def _relative(model: FeatureModel, train: ImageSplit, test: ImageSplit, k, k_prime) -> dict:
