@@ -9,12 +9,21 @@ tests that reach it. A mutant the tests still pass ("survived") is a bug they wo
     python benchmarks/mutate.py --modules overlap      # one module
     python benchmarks/mutate.py --keep /tmp/mut        # keep the scratch copy (then `mutmut browse` there)
     python benchmarks/mutate.py --keep /tmp/mut --recheck   # that run's survivors against the tests as they are now
+    python benchmarks/mutate.py --keep /tmp/mut --review    # that run's survivors against the reviewed equivalents
 
 Writes `benchmarks/results/mutation.json`: per module the mutants killed, survived, timed out and
 not covered, the score (killed / (killed + survived + no tests)), the surviving mutants' names, and
 the commit and machine of the run that measured that module; after `--recheck`, the survivors killed since by
 new tests and the score counting them (with the commit of the tests). Survivors are reviewed in `benchmarks/README.md`: killed by a new test or
 explained as equivalent. Not run in CI (too slow on 2 cores).
+
+Equivalent mutants (a change no correct test can see: a default passed explicitly, `device=` on the CPU, ...)
+are listed in `benchmarks/mutation_equivalent.json`, each with its exact change (the `-`/`+` lines of
+`mutmut show`) and why it is equivalent. A survivor counts as equivalent only when its name *and* its change
+match an entry (mutmut numbers mutants per function, so an edited function renumbers them: a stale entry
+matches nothing). Per module the record then holds `equivalent`, `unexplained` (survivors neither
+equivalent nor killed since) and `score_without_equivalent`, the usual mutation score:
+(killed + timeout [+ killed since]) / (mutants checked - equivalent).
 """
 from __future__ import annotations
 
@@ -56,6 +65,7 @@ MODULES = {
 }
 ALSO_COPY = ("figures", "profiles", "notebooks", "data", "benchmarks", "README.md", "RESULTS.md", "Makefile")
 COUNTED = {"killed", "survived", "timeout", "no tests", "suspicious", "segfault"}
+EQUIVALENT = Path(__file__).resolve().parent / "mutation_equivalent.json"
 
 
 def stage(scratch: Path, modules: list[str]) -> None:
@@ -102,16 +112,55 @@ def summarise(found: dict[str, str], modules: list[str]) -> dict:
     return out
 
 
-def recheck(scratch: Path, modules: list[str], found: dict[str, str], env: dict) -> dict:
+def mutant_diff(scratch: Path, name: str) -> str:
+    """The mutant's change: the `-` and `+` lines of `mutmut show` (without the file headers)."""
+    out = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=scratch, capture_output=True, text=True,
+                         check=True).stdout
+    return "\n".join(line for line in out.splitlines()
+                     if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+
+
+def review(record: dict, diffs: dict[str, str], equivalent: dict[str, dict]) -> dict:
+    """`record` (one module's) with its survivors sorted into equivalent (name and change match a reviewed entry),
+    and unexplained (neither equivalent nor killed since), and the score without the equivalent ones."""
+    killed_since = set(record.get("killed_since", ()))
+    same = sorted(n for n in record["survivors"]
+                  if n in equivalent and n in diffs and equivalent[n]["diff"] == diffs[n])
+    unexplained = sorted(n for n in record["survivors"] if n not in same and n not in killed_since)
+    scored = record["killed"] + record["timeout"] + record["survived"] + record["no tests"] - len(same)
+    killed = record["killed"] + record["timeout"] + len(killed_since)
+    return {**record, "equivalent": same, "unexplained": unexplained,
+            "score_without_equivalent": round(killed / scored, 4) if scored else None}
+
+
+def check_recorded(scratch: Path, found: dict[str, str], recorded: dict, module: str) -> None:
+    """Refuse a kept run whose survivors of `module` are not the recorded ones (another run, or code since)."""
+    if summarise(found, [module])[module]["survivors"] != recorded["survivors"]:
+        raise SystemExit(f"{scratch} is not the run recorded for {module} (other survivors); "
+                         "use the run that measured it, or run it again")
+
+
+def reviewed_equivalents() -> dict[str, dict]:
+    """mutant name -> {"diff", "why"} from mutation_equivalent.json (all modules)."""
+    if not EQUIVALENT.exists():
+        return {}
+    listed = json.loads(EQUIVALENT.read_text())
+    return {name: entry for module, entries in listed.items() if not module.startswith("_")
+            for name, entry in entries.items()}
+
+
+def recheck(scratch: Path, modules: list[str], found: dict[str, str], env: dict, skip=frozenset()) -> dict:
     """The survivors of a kept run against the current tests: each mutant switched on (MUTANT_UNDER_TEST) with the
     mutated sources first on the path, its module's test files run (stopping at the first failure). Per module:
-    the mutants killed since, those still surviving, and the score with them counted."""
+    the mutants killed since, those still surviving, and the score with them counted. `skip`: survivors not to
+    run (reviewed as equivalent: no test can kill them)."""
     tests = scratch / "mutants" / "tests"
     shutil.rmtree(tests, ignore_errors=True)
     shutil.copytree(REPO / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
     tested, out = commit(), {}
     for module in modules:
-        names = sorted(n for n, s in found.items() if n.startswith(f"classfilters.{module}.") and s == "survived")
+        names = sorted(n for n, s in found.items()
+                       if n.startswith(f"classfilters.{module}.") and s == "survived" and n not in skip)
         selection = [f"tests/{t}" for t in MODULES[module]]
         killed = []
         for name in names:
@@ -143,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     p.add_argument("--recheck", action="store_true",
                    help="with --keep of an earlier run: run its survivors against the current tests (no new mutants)")
+    p.add_argument("--review", action="store_true",
+                   help="with --keep of the run recorded: sort its survivors by mutation_equivalent.json (no new mutants)")
     args = p.parse_args(argv)
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="classfilters-mutate-"))
     env = {**os.environ, "CLASSFILTERS_SHARED_DATA": os.environ.get("CLASSFILTERS_SHARED_DATA",
@@ -153,10 +204,29 @@ def main(argv=None) -> int:
             raise SystemExit("--recheck needs --keep <folder of an earlier run>")
         path = RESULTS / "mutation.json"
         record = json.loads(path.read_text())
-        for module, r in recheck(scratch, args.modules, statuses(scratch), env).items():
-            record["modules"].setdefault(module, {}).update(r)
+        equivalent, found = reviewed_equivalents(), statuses(scratch)
+        for module in args.modules:
+            check_recorded(scratch, found, record["modules"][module], module)
+        diffs = {n: mutant_diff(scratch, n) for m in args.modules for n in summarise(found, [m])[m]["survivors"]}
+        same = {n for n, d in diffs.items() if n in equivalent and equivalent[n]["diff"] == d}
+        for module, r in recheck(scratch, args.modules, found, env, skip=same).items():
+            record["modules"][module] = review({**record["modules"][module], **r}, diffs, equivalent)
             print(f"{module}: killed since {len(r['killed_since'])}, still surviving {len(r['still_surviving'])}, "
                   f"score with them {r['score_with_recheck']}")
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        return 0
+    if args.review:
+        if not (args.keep and (scratch / "mutants").is_dir()):
+            raise SystemExit("--review needs --keep <folder of the run recorded>")
+        path = RESULTS / "mutation.json"
+        record, found, equivalent = json.loads(path.read_text()), statuses(scratch), reviewed_equivalents()
+        for module in args.modules:
+            mine = record["modules"][module]
+            check_recorded(scratch, found, mine, module)
+            diffs = {n: mutant_diff(scratch, n) for n in mine["survivors"]}
+            record["modules"][module] = r = review(mine, diffs, equivalent)
+            print(f"{module}: {len(r['equivalent'])} equivalent, {len(r['unexplained'])} unexplained, "
+                  f"score without equivalent {r['score_without_equivalent']}")
         path.write_text(json.dumps(record, indent=1) + "\n")
         return 0
     if scratch.exists() and any(scratch.iterdir()) and not (scratch / "mutants").is_dir():
@@ -172,6 +242,9 @@ def main(argv=None) -> int:
                    env=env, check=False)
     stamp = {"commit": staged, "machine": machine()}  # per module: modules are measured in separate runs
     measured = {m: r for m, r in summarise(statuses(scratch), args.modules).items() if r["score"] is not None}
+    equivalent = reviewed_equivalents()
+    measured = {m: review(r, {n: mutant_diff(scratch, n) for n in r["survivors"]}, equivalent)
+                for m, r in measured.items()}
     result = {"tool": "mutmut 3", "modules": {m: {**r, **stamp} for m, r in measured.items()}}  # an unreached
     # module (a run stopped early) keeps its earlier record
     path = RESULTS / "mutation.json"
@@ -180,7 +253,8 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(merged, indent=1) + "\n")
     for module, r in result["modules"].items():
         print(f"{module}: score {r['score']}, killed {r['killed']}, survived {r['survived']}, "
-              f"no tests {r['no tests']}, timeout {r['timeout']}")
+              f"no tests {r['no tests']}, timeout {r['timeout']}; {len(r['equivalent'])} equivalent, "
+              f"{len(r['unexplained'])} unexplained, score without equivalent {r['score_without_equivalent']}")
     if not args.keep:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

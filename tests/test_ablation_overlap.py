@@ -212,6 +212,20 @@ def test_default_noise_is_standard_normal():
     assert torch.equal(noisy[:, 1], features[:, 1])
 
 
+def test_noise_keeps_the_features_dtype_and_device():
+    """bf16 / float16 features stay in their dtype (the noise is rounded to it, not the features promoted), and on
+    another device (the meta device stands in for a GPU) the mask and the noise follow the features there."""
+    features = torch.rand(64, 8, generator=torch.Generator().manual_seed(0))
+    replace = torch.rand(64, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+    exact = with_noise(features, replace, mean=2.0, std=0.5, seed=4)
+    for dtype in (torch.bfloat16, torch.float16):
+        noisy = with_noise(features.to(dtype), replace, mean=2.0, std=0.5, seed=4)
+        assert noisy.dtype == dtype
+        assert torch.equal(noisy, torch.where(replace, exact.to(dtype), features.to(dtype)))
+    on_meta = with_noise(features.to("meta"), replace, mean=torch.zeros(8), std=torch.ones(8), seed=4)
+    assert on_meta.device.type == "meta" and on_meta.shape == features.shape
+
+
 def test_size_matched_sets_are_drawn_anew_for_each_draw():
     features = torch.rand(200, 16, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(4).repeat_interleave(50)

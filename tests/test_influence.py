@@ -311,3 +311,27 @@ def test_bad_shapes_labels_and_sizes_are_named():
         class_histograms(features, labels, 6, 0)
     with pytest.raises(ValueError, match=r"must lie in \[0, 5\)"):  # a label 5 in a 5-class problem
         influential_features(features, labels, 2, 2, num_classes=5)
+
+
+def test_the_zero_row_warning_is_said_in_full_and_points_at_the_users_call():
+    """Whether the user calls `influential_features` or `class_histograms`, the warning names the features, the
+    count and the advice, and its file and line are the user's call (not the library's internals, nor pytest's)."""
+    features, labels = planted()
+    features[[4, 9]] = 0.0
+    said = ("features: 2 of 240 rows are all zero; their top k is the first k indices (ties go to the lower "
+            "index), so the index sets partly reflect feature order, not the data. Check the model and the input "
+            "(a dead layer, a wrong normalisation)")
+    for dtype in (torch.float32, torch.float64):  # the CPU kernel and the torch path
+        line = sys._getframe().f_lineno + 2
+        with pytest.warns(UserWarning) as first:
+            influential_features(features.to(dtype), labels, 2, 2)
+        with pytest.warns(UserWarning) as second:
+            class_histograms(features.to(dtype), labels, 6, 2)
+        assert [str(w.message) for w in (*first, *second)] == ["training " + said, said]
+        assert [(w.filename, w.lineno) for w in (*first, *second)] == [(__file__, line), (__file__, line + 2)]
+
+
+def test_class_histograms_refuses_a_count_above_the_number_of_features():
+    features, labels = planted()
+    with pytest.raises(ValueError, match=r"^k=33 is out of range: a count must lie between 1 and D=32"):
+        class_histograms(features, labels, 6, 33)

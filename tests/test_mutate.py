@@ -33,3 +33,41 @@ def test_score_counts_killed_and_timeouts_against_survivors_and_untested():
     out = mutate.summarise(found, ["overlap", "cli"])
     assert out["overlap"]["score"] == 0.6 and out["cli"]["score"] == 0.0
     assert out["overlap"]["survivors"] == ["classfilters.overlap.x__mutmut_4", "classfilters.overlap.x__mutmut_5"]
+
+
+def test_a_survivor_is_equivalent_only_when_its_name_and_its_change_match_the_review():
+    mutate = load()
+    record = {"killed": 6, "timeout": 1, "survived": 3, "no tests": 0,
+              "survivors": ["m.f__mutmut_1", "m.f__mutmut_2", "m.f__mutmut_3"], "killed_since": ["m.f__mutmut_3"]}
+    diffs = {"m.f__mutmut_1": "-    x.sort(stable=True)\n+    x.sort(stable=None)",
+             "m.f__mutmut_2": "-    a + b\n+    a - b", "m.f__mutmut_3": "-    k\n+    k + 1"}
+    equivalent = {"m.f__mutmut_1": {"diff": diffs["m.f__mutmut_1"], "why": "stable on the CPU"},
+                  "m.f__mutmut_2": {"diff": "-    a * b\n+    a / b", "why": "a mutant of older code"}}  # renumbered since
+    out = mutate.review(record, diffs, equivalent)
+    assert out["equivalent"] == ["m.f__mutmut_1"] and out["unexplained"] == ["m.f__mutmut_2"]
+    assert out["score_without_equivalent"] == round((6 + 1 + 1) / (10 - 1), 4)
+    assert out["survivors"] == record["survivors"] and out["killed"] == 6  # the raw counts are kept
+
+
+def test_the_reviewed_equivalents_are_well_formed_and_the_record_agrees_with_them():
+    """Every entry of mutation_equivalent.json names a mutant of its module, its exact change (removed and added
+    lines) and a reason; a module's recorded `equivalent` survivors are listed there with a change, and its
+    `unexplained` ones are the other survivors not killed since."""
+    import json
+    listed = json.loads((BENCH / "mutation_equivalent.json").read_text())
+    record = json.loads((BENCH / "results" / "mutation.json").read_text())["modules"]
+    for module, entries in listed.items():
+        if module.startswith("_"):
+            continue
+        assert module in load().MODULES, module
+        for name, entry in entries.items():
+            assert name.startswith(f"classfilters.{module}.") and "__mutmut_" in name
+            lines = entry["diff"].splitlines()
+            assert any(x.startswith("-") for x in lines) and any(x.startswith("+") for x in lines), name
+            assert len(entry["why"]) > 20, name
+    for module, r in record.items():
+        if "equivalent" not in r:
+            continue
+        assert set(r["equivalent"]) <= set(listed.get(module, {})) and set(r["equivalent"]) <= set(r["survivors"])
+        explained = set(r["equivalent"]) | set(r.get("killed_since", ()))
+        assert r["unexplained"] == sorted(set(r["survivors"]) - explained), module

@@ -15,6 +15,8 @@ a fix-up of rows whose ties straddle the k-th value) or a sort, and one `bincoun
 from __future__ import annotations
 
 import json
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +164,18 @@ def warn_zero_rows(zero_rows: int, n: int, what: str) -> None:
     if zero_rows:
         warnings.warn(f"{what}: {zero_rows} of {n} rows are all zero; their top k is the first k indices "
                       "(ties go to the lower index), so the index sets partly reflect feature order, not the "
-                      "data. Check the model and the input (a dead layer, a wrong normalisation)", stacklevel=4)
+                      "data. Check the model and the input (a dead layer, a wrong normalisation)",
+                      stacklevel=_stacklevel_outside_package())
+
+
+def _stacklevel_outside_package() -> int:
+    """The `stacklevel` that points a warning raised by our caller at the first frame outside this package (the
+    user's call, whether it reached us through `influential_features` or `class_histograms`)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def select_indices(histograms: torch.Tensor, k_prime: Size) -> list[list[int]]:
