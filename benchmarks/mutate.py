@@ -14,16 +14,19 @@ tests that reach it. A mutant the tests still pass ("survived") is a bug they wo
 Writes `benchmarks/results/mutation.json`: per module the mutants killed, survived, timed out and
 not covered, the score (killed / (killed + survived + no tests)), the surviving mutants' names, and
 the commit and machine of the run that measured that module; after `--recheck`, the survivors killed since by
-new tests and the score counting them (with the commit of the tests). Survivors are reviewed in `benchmarks/README.md`: killed by a new test or
-explained as equivalent. Not run in CI (too slow on 2 cores).
+new tests and the score counting them (with the commit of the tests); `results/mutation.md` is the table made
+from the record. Every survivor is either killed by a new test or reviewed as equivalent. Not run in CI (too
+slow on 2 cores).
 
-Equivalent mutants (a change no correct test can see: a default passed explicitly, `device=` on the CPU, ...)
-are listed in `benchmarks/mutation_equivalent.json`, each with its exact change (the `-`/`+` lines of
-`mutmut show`) and why it is equivalent. A survivor counts as equivalent only when its name *and* its change
-match an entry (mutmut numbers mutants per function, so an edited function renumbers them: a stale entry
-matches nothing). Per module the record then holds `equivalent`, `unexplained` (survivors neither
-equivalent nor killed since) and `score_without_equivalent`, the usual mutation score:
-(killed + timeout [+ killed since]) / (mutants checked - equivalent).
+Equivalent mutants (a change no correct test can see: a default passed explicitly, a NaN spelled otherwise, ...)
+are listed in `benchmarks/mutation_equivalent.json`, each with its diff (`mutmut show`: the whole mutated
+function, before and after) and why it is equivalent. A survivor counts as equivalent only when its name *and*
+its diff match an entry: any edit of the function makes the entry stale (it then matches nothing and the
+mutant is unexplained until reviewed again). Reasons that rest on other modules (a callee's default) are not
+invalidated by edits there: a full run re-reviews them only by name and diff. Per module the record then holds
+`equivalent`, `unexplained` (survivors neither equivalent nor killed since) and `score_without_equivalent`,
+the usual mutation score: (killed + timeout + killed since) / (mutants checked - equivalent); `score` is
+(killed + timeout) / mutants checked.
 """
 from __future__ import annotations
 
@@ -112,25 +115,54 @@ def summarise(found: dict[str, str], modules: list[str]) -> dict:
     return out
 
 
-def mutant_diff(scratch: Path, name: str) -> str:
-    """The mutant's change: the `-` and `+` lines of `mutmut show` (without the file headers)."""
-    out = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=scratch, capture_output=True, text=True,
-                         check=True).stdout
-    return "\n".join(line for line in out.splitlines()
-                     if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+def mutant_diff(scratch: Path, name: str) -> str | None:
+    """The mutant's diff as `mutmut show` prints it (the whole function, before and after), without its status
+    and file lines; None when mutmut cannot show it."""
+    run = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=scratch, capture_output=True, text=True,
+                         check=False)
+    lines = run.stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("@@")), None)
+    return "\n".join(lines[start:]) if run.returncode == 0 and start is not None else None
 
 
 def review(record: dict, diffs: dict[str, str], equivalent: dict[str, dict]) -> dict:
     """`record` (one module's) with its survivors sorted into equivalent (name and change match a reviewed entry),
     and unexplained (neither equivalent nor killed since), and the score without the equivalent ones."""
-    killed_since = set(record.get("killed_since", ()))
-    same = sorted(n for n in record["survivors"]
-                  if n in equivalent and n in diffs and equivalent[n]["diff"] == diffs[n])
+    killed_since = set(record.get("killed_since", ()))  # killed: not equivalent, whatever the file says
+    same = sorted(n for n in record["survivors"] if n not in killed_since and n in equivalent
+                  and diffs.get(n) is not None and equivalent[n]["diff"] == diffs[n])
     unexplained = sorted(n for n in record["survivors"] if n not in same and n not in killed_since)
     scored = record["killed"] + record["timeout"] + record["survived"] + record["no tests"] - len(same)
     killed = record["killed"] + record["timeout"] + len(killed_since)
     return {**record, "equivalent": same, "unexplained": unexplained,
             "score_without_equivalent": round(killed / scored, 4) if scored else None}
+
+
+def table(record: dict) -> str:
+    """results/mutation.md: one row per module (in the order of MODULES), from the record."""
+    rows = [("| module | checked | killed + timeout | survived | equivalent | unexplained | score | "
+            "score without equivalent | not checked | commit |"), "|" + "---|" * 10]
+    for module in MODULES:
+        r = record["modules"].get(module)
+        if r is None:
+            rows.append(f"| {module} | 0 | | | | | | | all | never measured |")
+            continue
+        since = f" + {len(r['killed_since'])} since ({r['recheck_commit']})" if r.get("killed_since") else ""
+        cells = [module, r["killed"] + r["timeout"] + r["survived"] + r["no tests"], f"{r['killed'] + r['timeout']}{since}",
+                 r["survived"] + r["no tests"], len(r["equivalent"]) if "equivalent" in r else "not reviewed",
+                 len(r["unexplained"]) if "unexplained" in r else "", f"{r['score']:.3f}",
+                 f"{r['score_without_equivalent']:.3f}" if r.get("score_without_equivalent") is not None else "",
+                 r.get("not checked", 0), r["commit"]]
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def save(record: dict) -> None:
+    """results/mutation.json and the table made from it, results/mutation.md."""
+    (RESULTS / "mutation.json").write_text(json.dumps(record, indent=1) + "\n")
+    (RESULTS / "mutation.md").write_text(
+        "Mutation testing (`benchmarks/mutate.py`, from `mutation.json`; equivalents reviewed in "
+        "`benchmarks/mutation_equivalent.json`)\n\n" + table(record))
 
 
 def check_recorded(scratch: Path, found: dict[str, str], recorded: dict, module: str) -> None:
@@ -162,6 +194,11 @@ def recheck(scratch: Path, modules: list[str], found: dict[str, str], env: dict,
         names = sorted(n for n, s in found.items()
                        if n.startswith(f"classfilters.{module}.") and s == "survived" and n not in skip)
         selection = [f"tests/{t}" for t in MODULES[module]]
+        clean = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
+                               cwd=scratch / "mutants", capture_output=True, text=True, check=False,
+                               env={**env, "PYTHONPATH": "src"})
+        if clean.returncode != 0:  # else every mutant would be "killed" by a test that fails anyway
+            raise SystemExit(f"{module}: its tests fail without a mutant; fix them first:\n{clean.stdout[-2000:]}")
         killed = []
         for name in names:
             run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
@@ -187,7 +224,9 @@ def commit() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modules", nargs="+", choices=sorted(MODULES), default=sorted(MODULES))
+    p.add_argument("--modules", nargs="+", choices=sorted(MODULES),
+                   help="default: every module (a run); those the kept run measured and the record holds (--recheck, "
+                        "--review)")
     p.add_argument("--keep", type=Path, help="stage here and keep it (default: a temporary folder, removed)")
     p.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     p.add_argument("--recheck", action="store_true",
@@ -199,35 +238,37 @@ def main(argv=None) -> int:
     env = {**os.environ, "CLASSFILTERS_SHARED_DATA": os.environ.get("CLASSFILTERS_SHARED_DATA",
                                                                      str(REPO.parent / "shared" / "data"))}
     env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; nothing may shadow it
-    if args.recheck:
-        if not (args.keep and (scratch / "mutants").is_dir()):
-            raise SystemExit("--recheck needs --keep <folder of an earlier run>")
-        path = RESULTS / "mutation.json"
-        record = json.loads(path.read_text())
-        equivalent, found = reviewed_equivalents(), statuses(scratch)
-        for module in args.modules:
+    if (args.recheck or args.review) and not (args.keep and (scratch / "mutants").is_dir()):
+        raise SystemExit("--recheck and --review need --keep <folder of an earlier run>")
+    if args.recheck or args.review:
+        record, found = json.loads((RESULTS / "mutation.json").read_text()), statuses(scratch)
+        ran = {m for m in MODULES for n in found if n.startswith(f"classfilters.{m}.")}
+        modules = args.modules or sorted(ran & set(record["modules"]))
+        for module in modules:
+            if module not in record["modules"]:
+                raise SystemExit(f"{module}: no record to recheck or review; run it first")
             check_recorded(scratch, found, record["modules"][module], module)
-        diffs = {n: mutant_diff(scratch, n) for m in args.modules for n in summarise(found, [m])[m]["survivors"]}
-        same = {n for n, d in diffs.items() if n in equivalent and equivalent[n]["diff"] == d}
-        for module, r in recheck(scratch, args.modules, found, env, skip=same).items():
+    else:
+        modules = args.modules or sorted(MODULES)
+    if args.recheck:
+        equivalent = reviewed_equivalents()
+        diffs = {n: mutant_diff(scratch, n) for m in modules for n in record["modules"][m]["survivors"]}
+        same = {n for n, d in diffs.items() if d is not None and n in equivalent and equivalent[n]["diff"] == d}
+        for module, r in recheck(scratch, modules, found, env, skip=same).items():
             record["modules"][module] = review({**record["modules"][module], **r}, diffs, equivalent)
             print(f"{module}: killed since {len(r['killed_since'])}, still surviving {len(r['still_surviving'])}, "
                   f"score with them {r['score_with_recheck']}")
-        path.write_text(json.dumps(record, indent=1) + "\n")
+        save(record)
         return 0
     if args.review:
-        if not (args.keep and (scratch / "mutants").is_dir()):
-            raise SystemExit("--review needs --keep <folder of the run recorded>")
-        path = RESULTS / "mutation.json"
-        record, found, equivalent = json.loads(path.read_text()), statuses(scratch), reviewed_equivalents()
-        for module in args.modules:
+        equivalent = reviewed_equivalents()
+        for module in modules:
             mine = record["modules"][module]
-            check_recorded(scratch, found, mine, module)
             diffs = {n: mutant_diff(scratch, n) for n in mine["survivors"]}
             record["modules"][module] = r = review(mine, diffs, equivalent)
             print(f"{module}: {len(r['equivalent'])} equivalent, {len(r['unexplained'])} unexplained, "
                   f"score without equivalent {r['score_without_equivalent']}")
-        path.write_text(json.dumps(record, indent=1) + "\n")
+        save(record)
         return 0
     if scratch.exists() and any(scratch.iterdir()) and not (scratch / "mutants").is_dir():
         raise SystemExit(f"{scratch} exists and is not an earlier mutation run: choose an empty folder")
@@ -236,21 +277,23 @@ def main(argv=None) -> int:
     for name in ALSO_COPY:
         (scratch / name).unlink(missing_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
-    stage(scratch, args.modules)
+    stage(scratch, modules)
     staged = commit()  # the code and tests measured (a commit made during the run is not theirs)
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)], cwd=scratch,
                    env=env, check=False)
     stamp = {"commit": staged, "machine": machine()}  # per module: modules are measured in separate runs
-    measured = {m: r for m, r in summarise(statuses(scratch), args.modules).items() if r["score"] is not None}
-    equivalent = reviewed_equivalents()
-    measured = {m: review(r, {n: mutant_diff(scratch, n) for n in r["survivors"]}, equivalent)
-                for m, r in measured.items()}
-    result = {"tool": "mutmut 3", "modules": {m: {**r, **stamp} for m, r in measured.items()}}  # an unreached
-    # module (a run stopped early) keeps its earlier record
+    measured = {m: r for m, r in summarise(statuses(scratch), modules).items() if r["score"] is not None}
     path = RESULTS / "mutation.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    merged = {**old, **result, "modules": {**old.get("modules", {}), **result["modules"]}}
-    path.write_text(json.dumps(merged, indent=1) + "\n")
+    merged = {**old, "tool": "mutmut 3", "modules": {**old.get("modules", {}),  # an unreached module (a run
+              **{m: {**r, **stamp} for m, r in measured.items()}}}               # stopped early) keeps its record
+    save(merged)  # the run's counts first: a failure of the review below loses nothing
+    equivalent = reviewed_equivalents()
+    for m, r in measured.items():
+        merged["modules"][m] = review(merged["modules"][m], {n: mutant_diff(scratch, n) for n in r["survivors"]},
+                                      equivalent)
+    save(merged)
+    result = {"modules": {m: merged["modules"][m] for m in measured}}
     for module, r in result["modules"].items():
         print(f"{module}: score {r['score']}, killed {r['killed']}, survived {r['survived']}, "
               f"no tests {r['no tests']}, timeout {r['timeout']}; {len(r['equivalent'])} equivalent, "

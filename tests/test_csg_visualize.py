@@ -188,6 +188,13 @@ def test_csg_cache_returns_only_what_the_same_inputs_made(monkeypatch):
     monkeypatch.setattr(csg, "SOURCE_DIGEST", "edited")
     csg.trained_csg(model, split, recipe, **base)
     assert len(calls) == len(changes) + 2
+    from classfilters import device as device_module
+    from classfilters.device import training_precision
+    assert recipe.precision == "auto"  # resolved per machine: bf16 where the CPU has it natively, else fp32
+    flipped = training_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(device_module, "native_cpu_bf16", lambda: flipped)  # the same cache on the other CPU
+    csg.trained_csg(model, split, recipe, **base)
+    assert len(calls) == len(changes) + 3
 
 
 def test_csg_settings_are_checked_before_any_training():
@@ -367,3 +374,13 @@ def test_class_maps_are_the_chosen_channels_means_upsampled_and_scaled_to_0_1():
             up = nn.functional.interpolate(mean[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
             expected = (up - up.min()) / (up.max() - up.min())
             assert torch.allclose(maps[n, m], expected, atol=1e-5), (n, m)
+
+
+def test_tied_gates_go_to_the_lower_features_in_wide_rows():
+    """Clipped gates tie at 0 and 1 all the time: gate_mask keeps the lower features among tied ones, for rows
+    wider than the sorts that happen to be stable anyway (64 features)."""
+    gates = torch.zeros(64, 3)
+    gates[::5] = 1.0                                              # 13 tied ones per class
+    highest, lowest = csg.gate_mask(gates, 4), csg.gate_mask(gates, 4, "lowest")
+    assert torch.equal(highest[0].nonzero().flatten(), torch.tensor([0, 5, 10, 15]))
+    assert torch.equal(lowest[2].nonzero().flatten(), torch.tensor([1, 2, 3, 4]))

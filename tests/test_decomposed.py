@@ -241,3 +241,41 @@ def test_evaluate_scores_a_float32_copy_and_leaves_the_models_head_alone():
     result = evaluate(head, influence, features, labels)
     assert head.weight.dtype == torch.float64 and torch.equal(head.weight.detach(), before)
     assert result == evaluate(random_head(32, 6), influence, features, labels)
+
+
+def test_ties_rank_to_the_lower_index_in_wide_rows():
+    """feature_ranks' rule (ties to the lower index) holds for rows wider than the sorts that happen to be stable
+    anyway: 64 features in tied groups."""
+    from classfilters.decomposed import feature_ranks
+    features = torch.zeros(3, 64)
+    features[:, ::7] = 1.0                                            # ten tied ones, then 54 tied zeros
+    ranks = feature_ranks(features)
+    expected = torch.cat([torch.arange(0, 64, 7), torch.tensor([i for i in range(64) if i % 7])])
+    assert torch.equal(ranks[0].argsort(), expected) and torch.equal(ranks[0], ranks[2])
+    assert torch.equal(feature_ranks(torch.zeros(2, 64))[1], torch.arange(64, dtype=torch.int32))
+
+
+def test_nothing_depends_on_the_default_device():
+    """A user's `torch.set_default_device` (the meta device stands in for a GPU) changes no result: every tensor
+    the head and the grid make lives on their inputs' device."""
+    from classfilters.decomposed import feature_ranks, head_on
+    features, labels = planted()
+    head = nn.Linear(32, 6)
+    influence = influential_features(features, labels, 3, 3)
+    decomposed = DecomposedHead(head, influence.mask)
+    expected = (feature_ranks(features), decomposed.forward_compact(features),
+                grid_accuracy(features, labels, features, labels, head, [1, 3], [1, 3]))
+    with torch.device("meta"):
+        got = (feature_ranks(features), decomposed.forward_compact(features),
+               grid_accuracy(features, labels, features, labels, head, [1, 3], [1, 3]))
+    for e, g in zip(expected, got):
+        assert g.device.type == "cpu" and torch.equal(e, g)
+    moved = head_on(head, "meta")  # a float32 copy where asked; the model's own head stays
+    assert moved.weight.is_meta and moved.weight.dtype == torch.float32 and head.weight.device.type == "cpu"
+
+
+def test_the_decomposed_softmax_of_one_feature_vector_is_that_row_of_its_batch():
+    features, labels = planted()
+    head = DecomposedHead(nn.Linear(32, 6), influential_features(features, labels, 3, 3).mask)
+    batch = head.decomposed_softmax(features[:4])
+    assert torch.allclose(head.decomposed_softmax(features[2]), batch[2]) and torch.allclose(batch.sum(1), torch.ones(4))

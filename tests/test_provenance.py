@@ -275,3 +275,28 @@ def test_device_names_and_versions(monkeypatch):
     assert out["torch"] == torch.__version__ and out["cuda"] == torch.version.cuda
     assert out["classfilters"] == __import__("classfilters").__version__
     assert out["python"] == platform.python_version()
+
+
+def test_untracked_code_makes_the_checkout_dirty_whatever_the_users_git_config(repo):
+    """`status.showUntrackedFiles no` (a common setting in big repositories) must not hide a new file in lib/."""
+    subprocess.run(["git", "config", "status.showUntrackedFiles", "no"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    assert provenance.git_commit(repo) == (head, False)
+    (repo / "lib" / "sub").mkdir()
+    (repo / "lib" / "sub" / "new.py").write_text("")
+    assert provenance.git_commit(repo) == (head, True)
+
+
+def test_a_failed_write_raises_its_own_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """Whatever fails, even creating the temporary, the caller sees that error (not one from the clean-up),
+    and no temporary is left; a long file name (200 characters) is written as any other."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no file today")
+    with monkeypatch.context() as m:
+        m.setattr(provenance.os, "open", refuse)
+        with pytest.raises(RuntimeError, match="no file today"):
+            provenance.write(tmp_path / "record.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+    long = tmp_path / ("r" * 195 + ".json")
+    provenance.write(long, {"a": 1})
+    assert json.loads(long.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [long]

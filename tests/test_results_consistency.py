@@ -93,6 +93,7 @@ def test_every_number_matches_its_source(line, source, header, rows):
     frame, keys = read_source(source)
     for k in keys:
         assert k in header and k in frame.columns, f"line {line}: key {k!r} must be a column of the table and the source"
+    assert rows, f"line {line}: a table with no rows (quote it again with scripts/requote_results.py --quote)"
     for row in rows:
         assert len(row) == len(header), f"line {line}: row {row} has {len(row)} cells for {len(header)} columns"
         cells = dict(zip(header, row))
@@ -123,6 +124,8 @@ def test_the_checker_catches_a_wrong_number():
         test_every_number_matches_its_source(line, source, header, [["5", "5", "0.928", "81.04 %"]])
     with pytest.raises(AssertionError, match="not in the source"):
         test_every_number_matches_its_source(line, source, [*header[:3], "made_up"], rows)
+    with pytest.raises(AssertionError, match="a table with no rows"):
+        test_every_number_matches_its_source(line, source, header, [])
 
 
 def test_a_quoted_table_passes_the_checker():

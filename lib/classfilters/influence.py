@@ -173,7 +173,8 @@ def _stacklevel_outside_package() -> int:
     user's call, whether it reached us through `influential_features` or `class_histograms`)."""
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+    while frame is not None and not frame.f_code.co_filename.startswith("<") \
+            and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
         frame, level = frame.f_back, level + 1
     return level
 
