@@ -329,7 +329,8 @@ def test_the_zero_row_warning_is_said_in_full_and_points_at_the_users_call():
             class_histograms(features.to(dtype), labels, 6, 2)
         ours = [w for w in (*first, *second) if "rows are all zero" in str(w.message)]  # not a compiler's warning
         assert [str(w.message) for w in ours] == ["training " + said, said]
-        assert [(w.filename, w.lineno) for w in ours] == [(__file__, line), (__file__, line + 2)]
+        if "mutmut" not in sys.modules:  # its trampolines are frames outside the package (the helper is not mutated)
+            assert [(w.filename, w.lineno) for w in ours] == [(__file__, line), (__file__, line + 2)]
 
 
 def test_class_histograms_refuses_a_count_above_the_number_of_features():
