@@ -384,3 +384,49 @@ def test_tied_gates_go_to_the_lower_features_in_wide_rows():
     highest, lowest = csg.gate_mask(gates, 4), csg.gate_mask(gates, 4, "lowest")
     assert torch.equal(highest[0].nonzero().flatten(), torch.tensor([0, 5, 10, 15]))
     assert torch.equal(lowest[2].nonzero().flatten(), torch.tensor([1, 2, 3, 4]))
+
+
+def test_csg_training_is_the_alternating_loop_written_out():
+    """`train_csg` against its procedure written out step by step (issue 16: the optimisers' settings, the
+    schedule, the order of the batches, which steps are gated, the sparsity term and the gate rule are each
+    observable): the same seed's order, SGD + Nesterov on body and head under one-cycle, the cross-entropy
+    through the true label's gates and the L1 term above the budget on odd steps only, Adam on the gates on
+    those steps only, then the rule."""
+    import copy
+
+    import torch.nn.functional as F
+    model, split = planted_csg_case(n=40)  # 160 images: 10 batches of 16 (one-cycle needs >= 8 steps)
+    n, b, lr, wd, lam, gate_lr, budget = 160, 16, 0.05, 5e-4, 0.02, 0.03, 0.3
+    recipe = Recipe(epochs=1, batch_size=b, lr=lr, crop_padding=0, flip=False, weight_decay=wd, precision="fp32")
+    for rule in ("clip", "row_max"):
+        got = csg.train_csg(model, split, recipe, lam=lam, seed=3, device="cpu", gate_lr=gate_lr, gate_rule=rule,
+                            budget=budget)
+        m, gates = copy.deepcopy(model), torch.full((12, 4), 0.5, requires_grad=True)
+        sgd = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+        adam = torch.optim.Adam([gates], lr=gate_lr)
+        sched = torch.optim.lr_scheduler.OneCycleLR(sgd, lr, total_steps=n // b, pct_start=0.25)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+        for step, start in enumerate(range(0, n, b)):
+            idx = perm[start:start + b]
+            y = split.labels[idx].long()
+            phi = m.forward_features(split.normalize(split.images[idx]))
+            gated = step % 2 == 1
+            loss = F.cross_entropy(m.head(phi * gates[:, y].T if gated else phi), y)
+            if gated:
+                loss = loss + lam * F.relu(gates.abs().sum() - budget * gates.numel())
+            sgd.zero_grad()
+            adam.zero_grad()
+            loss.backward()
+            sgd.step()
+            if gated:
+                adam.step()
+            sched.step()
+            with torch.no_grad():
+                if gated and rule == "row_max":
+                    gates.div_(gates.amax(1, keepdim=True).clamp(min=1e-12))
+                if gated:
+                    gates.clamp_(0, 1)
+        assert not torch.equal(gates.detach(), torch.full_like(gates, 0.5))
+        assert torch.allclose(got.gates, gates.detach(), atol=1e-5), rule
+        for (name, a), c in zip(got.model.named_parameters(), m.parameters()):
+            assert torch.allclose(a, c.detach(), atol=1e-5), (rule, name)
