@@ -421,10 +421,10 @@ def test_csg_training_is_the_alternating_loop_written_out():
             if gated:
                 adam.step()
             sched.step()
-            with torch.no_grad():
-                if gated and rule == "row_max":
-                    gates.div_(gates.amax(1, keepdim=True).clamp(min=1e-12))
-                if gated:
+            if gated:
+                with torch.no_grad():
+                    if rule == "row_max":
+                        gates.div_(gates.amax(1, keepdim=True).clamp(min=1e-12))
                     gates.clamp_(0, 1)
         assert not torch.equal(gates.detach(), torch.full_like(gates, 0.5))
         assert torch.allclose(got.gates, gates.detach(), atol=1e-5), rule
