@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from classfilters import Recipe, csg, extract_features, influential_features, open_dataset, visualize
+from classfilters import Recipe, csg, extract_features, influential_features, map_figure, open_dataset, visualize
 from classfilters.data import ImageSplit
 from classfilters.models import FeatureModel
 
@@ -110,7 +110,7 @@ def test_maps_over_the_images(digits_model):
     maps, raw = visualize.class_maps(digits_model, test, images, test.labels[index], influence)
     assert maps.shape == (4, 3, 8, 8) and maps.min() >= 0 and maps.max() <= 1 and raw.shape == (4, 3)
     assert visualize.image_correlation(images, maps).abs().max() <= 1 + 1e-5
-    fig = visualize.overlay_figure(images, maps, ["a", "b", "c", "d"])
+    fig = map_figure.overlay_figure(images, maps, ["a", "b", "c", "d"])
     assert len(fig.axes) == 4 * 4 + 1                  # image + 3 maps per row, and one shared colour bar
     assert fig.axes[-1].get_label() == "<colorbar>"
 
@@ -230,8 +230,12 @@ def test_streamed_splits_are_shuffled_whole_and_fetched_by_index():
     labels = torch.arange(10) % 3
     in_memory = ImageSplit(labels, ["a", "b", "c"], "t", "t-v1", images=images)
     streamed = ImageSplit(labels, ["a", "b", "c"], "t", "t-v1", dataset=Streamed(images, labels))
+    batches = []
     for split in (in_memory, streamed):
+        rng = torch.get_rng_state()
         seen = list(csg.shuffled_batches(split, 4, torch.Generator().manual_seed(0), "cpu"))
+        assert torch.equal(torch.get_rng_state(), rng)  # the global generator untouched (dropout draws from it)
+        batches.append(seen)
         assert [len(b[1]) for b in seen] == [4, 4, 2]
         got_images, got_labels = torch.cat([b[0] for b in seen]), torch.cat([b[1] for b in seen])
         order = torch.argsort(got_images.flatten(1).long() @ (256 ** torch.arange(4)))  # each image is unique
@@ -240,6 +244,30 @@ def test_streamed_splits_are_shuffled_whole_and_fetched_by_index():
         assert not torch.equal(got_labels, labels)  # shuffled
         index = torch.tensor([7, 2, 5])
         assert torch.equal(visualize.fetch_images(split, index), images[index])
+    for (a, y), (b, z) in zip(*batches, strict=True):  # the same batches in the same order, wherever the images are
+        assert torch.equal(a, b) and torch.equal(y, z)
+
+
+def test_csg_trains_a_streamed_split_as_the_same_split_in_memory():
+    """A split read from a dataset (a folder) trains exactly as the same images in memory: the same order, the
+    same crops (padding width // 8 of the images' own width when the recipe gives none) and flips."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    labels = torch.arange(40) % 4
+    in_memory = ImageSplit(labels, list("abcd"), "t", "t-v1", images=images)
+    streamed = ImageSplit(labels, list("abcd"), "t", "t-v1", dataset=Streamed(images, labels))
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = FeatureModel(body, nn.Linear(6, 4), name="tiny")
+    trained = {}
+    for name, split, padding in (("memory", in_memory, None), ("streamed", streamed, None), ("padding 2", in_memory, 2),
+                                 ("padding 1", in_memory, 1)):
+        recipe = Recipe(epochs=2, batch_size=8, lr=0.05, crop_padding=padding, flip=True, precision="fp32")
+        trained[name] = csg.train_csg(model, split, recipe, lam=0.01, seed=1, device="cpu").state_dict()
+    for name in ("streamed", "padding 2"):
+        for key, value in trained["memory"].items():
+            assert torch.equal(value, trained[name][key]), (name, key)
+    assert not torch.equal(trained["memory"]["gates"], trained["padding 1"]["gates"])  # the crops matter
 
 
 def test_an_untrained_model_fits_the_splits_classes_and_channels():
@@ -319,7 +347,7 @@ def test_the_overlay_figure_draws_each_map_over_the_grey_image():
         images = torch.randint(0, 256, (n, channels, height, width), generator=gen, dtype=torch.uint8)
         maps = torch.rand(n, 3, height, width, generator=gen)
         titles = ["first", "second"][:n]
-        fig = visualize.overlay_figure(images, maps, titles, alpha=0.5)
+        fig = map_figure.overlay_figure(images, maps, titles, alpha=0.5)
         axes = fig.axes
         assert len(axes) == n * 4 + 1 and axes[-1].get_label() == "<colorbar>"
         assert axes[-1].get_ylabel().startswith("map value")

@@ -4,7 +4,7 @@ Implements "Decomposing the Deep: Finding Class Specific Filters in Deep CNNs". 
 the bottom: the algorithm (influence.py: Algorithm 1; decomposed.py: the decomposed final layer and
 the (k, k') grid; ablation.py; overlap.py; with sizes.py and checks.py for their arguments), the
 pipeline (data.py, decode.py, models.py, features.py, device.py, cpu_memory.py, cache.py), training and extensions
-(recipe.py, train.py, csg.py, visualize.py; explanations of a class's influential features:
+(recipe.py, train.py, csg.py, visualize.py with map_figure.py; explanations of a class's influential features:
 canonization.py, explanations.py, explanation_metrics.py, mosaic.py for the grid pointing game,
 search.py; ExplainFix: fixed_filters.py, explainsteer.py (spectra), saliency.py, prune.py, class_subset.py,
 explainfix_tables.py), the study (profile.py, session.py, tables.py,

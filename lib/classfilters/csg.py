@@ -100,17 +100,20 @@ def normalize_gates_(gates: torch.Tensor) -> None:
 
 
 def shuffled_batches(split: ImageSplit, batch_size: int, gen: torch.Generator, device):
-    """(uint8 images, labels) in a random order: slices of the split held on `device`, or a
-    shuffling loader for folders."""
+    """(uint8 images, labels) in a random order drawn from `gen`: slices of the split held on `device`,
+    or the same batches read by a loader from a streamed split (the order does not depend on where
+    the images are, so a split streamed trains as the same split in memory)."""
+    perm = torch.randperm(len(split), generator=gen)
+    starts = range(0, len(split), batch_size)
     if split.images is not None:
-        images, labels = split.images.to(device), split.labels.to(device)
-        perm = torch.randperm(len(split), generator=gen).to(device)
-        for start in range(0, len(split), batch_size):
+        images, labels, perm = split.images.to(device), split.labels.to(device), perm.to(device)
+        for start in starts:
             idx = perm[start:start + batch_size]
             yield images[idx], labels[idx]
         return
-    loader = torch.utils.data.DataLoader(split.dataset, batch_size=batch_size, shuffle=True, generator=gen,
-                                         num_workers=2)
+    # the workers' seeds from a generator of their own: `gen` (the augmentations') and the global one untouched
+    loader = torch.utils.data.DataLoader(split.dataset, batch_sampler=[perm[s:s + batch_size].tolist() for s in starts],
+                                         num_workers=2, generator=torch.Generator().manual_seed(gen.initial_seed()))
     for images, labels in loader:
         yield images.to(device), labels.to(device)
 
@@ -167,12 +170,11 @@ def train_csg(model: FeatureModel, split: ImageSplit, recipe: Recipe | None = No
     both = _Optimizers(opt, torch.optim.Adam([gated.gates], lr=gate_lr))
     steps = recipe.epochs * -(-len(split) // recipe.batch_size)
     sched = one_cycle(opt, recipe.lr, steps)
-    width = split.images.shape[-1] if split.images is not None else 224
-    padding = recipe.crop_padding if recipe.crop_padding is not None else width // 8
     step, micro = 0, recipe.batch_size
     bf16 = training_precision(recipe.precision, device) == "bf16"
     for _ in tqdm(range(recipe.epochs), desc=f"CSG {model.name}", disable=not progress, unit="epoch"):
         for images, labels in shuffled_batches(split, recipe.batch_size, gen, device):
+            padding = recipe.crop_padding if recipe.crop_padding is not None else images.shape[-1] // 8
             x = split.normalize(augment(images, padding, recipe.flip, augment_gen))
             x = x.contiguous(memory_format=torch.channels_last)
             gated_step = step % 2 == 1
