@@ -66,6 +66,15 @@ MODULES = {
     # kernels would make each of its ~360 mutants a minute; they run for `runner`)
     "tables": ["test_tables.py", "test_planted_bugs.py"],  # the study tables (test_notebooks.py runs them too, too slow per mutant)
 }
+# mutmut 3 leaves decorated functions alone (other than static and class methods): the functions of the modules
+# above compute under `with torch.no_grad():` instead of the decorator; these few stay decorated (small, and their
+# behaviour is tested directly), unmutated (tests/test_mutate.py keeps the list exact)
+NOT_MUTATED = {
+    "influence": ["num_classes", "num_features", "mask", "multiply_adds"],  # properties of InfluentialFeatures
+    "decomposed": ["multiply_adds"],                                        # DecomposedHead's property
+    "cache": ["_writable", "_class_source_hash"],                           # functools.cache
+    "runner": ["kernel_environment"],                                       # a context manager
+}
 ALSO_COPY = ("figures", "profiles", "notebooks", "data", "benchmarks", "README.md", "RESULTS.md", "Makefile")
 COUNTED = {"killed", "survived", "timeout", "no tests", "suspicious", "segfault"}
 EQUIVALENT = Path(__file__).resolve().parent / "mutation_equivalent.json"

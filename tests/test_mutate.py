@@ -1,4 +1,5 @@
 """benchmarks/mutate.py (`make mutate`): the staged project and the score, without running mutmut."""
+import ast
 import importlib.util
 import sys
 from pathlib import Path
@@ -88,3 +89,15 @@ def test_the_committed_table_is_made_from_the_record():
     assert list(rows) == list(mutate.MODULES)
     for module, r in record["modules"].items():
         assert f" {r['score']:.3f} " in rows[module] and f" {r['commit']} |" in rows[module]
+
+
+def test_every_function_of_the_mutated_modules_is_mutated_but_the_few_named():
+    """mutmut 3 skips decorated functions silently (a `@torch.no_grad()` once hid `noise_ablation`, `class_maps`,
+    `evaluate`, `grid_accuracy` and `softmax_table` from it): only those in NOT_MUTATED may carry a decorator."""
+    mutate = load()
+    lib = BENCH.parent / "lib" / "classfilters"
+    for module in mutate.MODULES:
+        tree = ast.parse((lib / f"{module}.py").read_text())
+        decorated = sorted(f.name for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                           and [ast.unparse(d) for d in f.decorator_list] not in ([], ["staticmethod"], ["classmethod"]))
+        assert decorated == sorted(mutate.NOT_MUTATED.get(module, [])), module

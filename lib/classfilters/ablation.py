@@ -68,7 +68,6 @@ def arm_masks(influence: InfluentialFeatures, labels: torch.Tensor, gen: torch.G
             "non_influential_matched_size": non_influential_mask(influence, gen)[labels]}
 
 
-@torch.no_grad()
 def noise_ablation(head: nn.Linear, influence: InfluentialFeatures, test_features: torch.Tensor,
                    test_labels: torch.Tensor, train_features: torch.Tensor, seed: int = 0,
                    draws: int = 10) -> list[dict]:
@@ -77,26 +76,27 @@ def noise_ablation(head: nn.Linear, influence: InfluentialFeatures, test_feature
     Keys: noise, head, replaced, draw, accuracy, authors_table8. Draw i uses the generator seeded
     with seed + i for both the random sets and the noise, so a row is reproducible on its own.
     """
-    if draws < 1:
-        raise ValueError(f"draws must be at least 1, got {draws}")
-    head = head_on(head, test_features.device)  # a float32 copy: the model's head stays where it is
-    labels = test_labels.long()
-    phi = test_features.float()
-    decomposed = DecomposedHead(head, influence)
-    heads = {"full": head, "decomposed": decomposed}
-    mean, std = train_features.float().mean(0), train_features.float().std(0)
-    rows = [{"noise": "none", "head": name, "replaced": "nothing", "draw": 0, "accuracy": accuracy(h(phi), labels),
-             "authors_table8": name == "full"} for name, h in heads.items()]
-    for draw in range(draws):
-        gen = torch.Generator().manual_seed(seed + draw)
-        for arm, where in arm_masks(influence, labels, gen).items():
-            noisy = with_noise(phi, where, 0.0, 1.0, gen)
-            rows.append({"noise": "standard_normal", "head": "full", "replaced": arm, "draw": draw,
-                         "accuracy": accuracy(head(noisy), labels), "authors_table8": arm != ARMS[2]})
-            noisy = with_noise(phi, where, mean, std, gen)
-            rows += [{"noise": "matched", "head": name, "replaced": arm, "draw": draw,
-                      "accuracy": accuracy(h(noisy), labels), "authors_table8": False} for name, h in heads.items()]
-    return rows
+    with torch.no_grad():
+        if draws < 1:
+            raise ValueError(f"draws must be at least 1, got {draws}")
+        head = head_on(head, test_features.device)  # a float32 copy: the model's head stays where it is
+        labels = test_labels.long()
+        phi = test_features.float()
+        decomposed = DecomposedHead(head, influence)
+        heads = {"full": head, "decomposed": decomposed}
+        mean, std = train_features.float().mean(0), train_features.float().std(0)
+        rows = [{"noise": "none", "head": name, "replaced": "nothing", "draw": 0, "accuracy": accuracy(h(phi), labels),
+                 "authors_table8": name == "full"} for name, h in heads.items()]
+        for draw in range(draws):
+            gen = torch.Generator().manual_seed(seed + draw)
+            for arm, where in arm_masks(influence, labels, gen).items():
+                noisy = with_noise(phi, where, 0.0, 1.0, gen)
+                rows.append({"noise": "standard_normal", "head": "full", "replaced": arm, "draw": draw,
+                             "accuracy": accuracy(head(noisy), labels), "authors_table8": arm != ARMS[2]})
+                noisy = with_noise(phi, where, mean, std, gen)
+                rows += [{"noise": "matched", "head": name, "replaced": arm, "draw": draw,
+                          "accuracy": accuracy(h(noisy), labels), "authors_table8": False} for name, h in heads.items()]
+        return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -87,16 +87,19 @@ def sparsity_loss(gates: torch.Tensor, lam: float, budget: float = 0.2) -> torch
 GATE_RULES = ("clip", "row_max")
 
 
-@torch.no_grad()
 def clip_gates_(gates: torch.Tensor) -> None:
     """Gates clipped to [0, 1] (in place): the L1 shrinkage acts, a gate no class needs goes to 0."""
-    gates.clamp_(0, 1)
+    with torch.no_grad():
+        gates.clamp_(0, 1)
 
 
-@torch.no_grad()
 def normalize_gates_(gates: torch.Tensor) -> None:
     """Each filter's gate row divided by its max, then clipped to [0, 1] (in place; the official `clip_lmask`)."""
-    gates.div_(gates.amax(1, keepdim=True).clamp(min=1e-12)).clamp_(0, 1)
+    with torch.no_grad():
+        gates.div_(gates.amax(1, keepdim=True).clamp(min=1e-12)).clamp_(0, 1)
+
+
+STREAM_WORKERS = 2  # the loader's processes for a streamed split
 
 
 def shuffled_batches(split: ImageSplit, batch_size: int, gen: torch.Generator, device):
@@ -113,7 +116,8 @@ def shuffled_batches(split: ImageSplit, batch_size: int, gen: torch.Generator, d
         return
     # the workers' seeds from a generator of their own: `gen` (the augmentations') and the global one untouched
     loader = torch.utils.data.DataLoader(split.dataset, batch_sampler=[perm[s:s + batch_size].tolist() for s in starts],
-                                         num_workers=2, generator=torch.Generator().manual_seed(gen.initial_seed()))
+                                         num_workers=STREAM_WORKERS,
+                                         generator=torch.Generator().manual_seed(gen.initial_seed()))
     for images, labels in loader:
         yield images.to(device), labels.to(device)
 
@@ -223,10 +227,10 @@ def gate_mask(gates: torch.Tensor, k_prime: int, order: str = "highest") -> torc
     return torch.zeros_like(g, dtype=torch.bool).scatter_(1, idx, True)
 
 
-@torch.no_grad()
 def path_accuracies(gated: GatedModel, features: torch.Tensor, labels: torch.Tensor) -> dict:
     """Test accuracy of the standard path and of the gated path (true-label gates, as in training)."""
-    head = head_on(gated.model.head, features.device)  # a copy: the model's head stays where it is
-    labels = labels.long().to(features.device)
-    return {"standard": accuracy(head(features), labels),
-            "gated": accuracy(head(gate(features, gated.gates.detach().to(features.device), labels)), labels)}
+    with torch.no_grad():
+        head = head_on(gated.model.head, features.device)  # a copy: the model's head stays where it is
+        labels = labels.long().to(features.device)
+        return {"standard": accuracy(head(features), labels),
+                "gated": accuracy(head(gate(features, gated.gates.detach().to(features.device), labels)), labels)}

@@ -67,7 +67,6 @@ def head_on(head: nn.Linear, device) -> nn.Linear:
     return copy.deepcopy(head).to(device=device, dtype=torch.float32)
 
 
-@torch.no_grad()
 def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Tensor, labels: torch.Tensor) -> dict:
     """Full and decomposed accuracy on (test) features, their ratio and the layers' costs.
     Features holding NaN or inf, or labels that are not class indices of the head, are refused."""
@@ -75,13 +74,14 @@ def evaluate(head: nn.Linear, influence: InfluentialFeatures, features: torch.Te
     if influence.num_classes != head.out_features or influence.num_features != head.in_features:
         raise ValueError(f"the index sets cover {influence.num_classes} classes x {influence.num_features} features "
                          f"but the head is {head.out_features} x {head.in_features}: they were computed for another model")
-    head = head_on(head, features.device)  # a copy: the model's head stays where it is
-    full = accuracy(head(features), labels)
-    decomposed = accuracy(DecomposedHead(head, influence)(features), labels)
-    return {"acc_full": full, "acc_decomposed": decomposed,
-            "relative": relative_accuracy(decomposed, full),
-            "multiply_adds_full": head.in_features * head.out_features,
-            "multiply_adds_decomposed": influence.multiply_adds}
+    with torch.no_grad():
+        head = head_on(head, features.device)  # a copy: the model's head stays where it is
+        full = accuracy(head(features), labels)
+        decomposed = accuracy(DecomposedHead(head, influence)(features), labels)
+        return {"acc_full": full, "acc_decomposed": decomposed,
+                "relative": relative_accuracy(decomposed, full),
+                "multiply_adds_full": head.in_features * head.out_features,
+                "multiply_adds_decomposed": influence.multiply_adds}
 
 
 def relative_accuracy(acc, full: float):
@@ -106,7 +106,6 @@ def feature_ranks(features: torch.Tensor, rank_by: str = "auto") -> torch.Tensor
     return torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)
 
 
-@torch.no_grad()
 def grid_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                   test_labels: torch.Tensor, head: nn.Linear, ks, k_primes, rank_by: str = "auto",
                   chunk_elements: int = 1 << 25, progress: bool = False) -> torch.Tensor:
@@ -115,44 +114,45 @@ def grid_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test
     Equals running Algorithm 1 and `evaluate` for each pair separately (integer k, k'). Runs on the
     features' device (the test features are moved there); the result is on the CPU.
     """
-    ks, k_primes = list(ks), list(k_primes)
-    train_labels = check_inputs(head, train_features, train_labels, "training features")
-    test_labels = check_inputs(head, test_features, test_labels, "test features")
-    if not ks or not k_primes:
-        raise ValueError("ks and k_primes must not be empty")
-    n, d = train_features.shape
-    ks, k_primes = [as_size(k, d, "k") for k in ks], [as_size(k, d, "k'") for k in k_primes]
-    if not all(isinstance(v, int) for v in ks + k_primes):
-        raise TypeError("grid_accuracy takes counts for k and k'; run influential_features for fractions of mass")
-    c = head.out_features
-    kmax = max(ks)
-    # counts[c, j, r] = #{i in class c : feature j has rank r in image i}, for r < kmax
-    rank_by = resolve_rank_by(train_features, rank_by)
-    device = train_features.device
-    counts = torch.zeros(c * d * kmax, dtype=torch.int64, device=device)
-    rows = max(1, chunk_elements // d)
-    for start in range(0, n, rows):
-        ranks = feature_ranks(train_features[start:start + rows], rank_by).long()
-        y = train_labels[start:start + rows].long().to(device)
-        keep = ranks < kmax
-        cls = y[:, None].expand_as(ranks)[keep]
-        j = torch.arange(d, device=device).expand_as(ranks)[keep]
-        counts += torch.bincount((cls * d + j) * kmax + ranks[keep], minlength=c * d * kmax)
-    cumulative = counts.view(c, d, kmax).cumsum(2)        # histograms for every k at once
-    weight, bias = head.weight.detach().float().to(device), head.bias.detach().float().to(device)
-    kp_index = torch.tensor(k_primes, device=device) - 1
-    test_features, test_labels = test_features.to(device), test_labels.long().to(device)
-    result = torch.zeros(len(ks), len(k_primes), device=device)
-    test_rows = max(1, chunk_elements // (c * d))
-    for a, k in enumerate(tqdm(ks, desc="(k, k') grid", disable=not progress)):
-        order = torch.sort(cumulative[:, :, k - 1], dim=1, descending=True, stable=True).indices  # (C, D)
-        order_t = order.T.contiguous()                       # (D, C): t-th feature of each class
-        w_t = torch.gather(weight, 1, order).T.contiguous()
-        correct = torch.zeros(len(k_primes), device=device)
-        for start in range(0, len(test_features), test_rows):
-            phi = test_features[start:start + test_rows]
-            # z[n, t, c]: class c's logit from its t+1 most frequent features (classes last: fast argmax)
-            z = (phi[:, order_t] * w_t).cumsum(1)[:, kp_index] + bias
-            correct += (z.argmax(2) == test_labels[start:start + test_rows, None]).sum(0)
-        result[a] = correct / len(test_features)
-    return result.cpu()
+    with torch.no_grad():
+        ks, k_primes = list(ks), list(k_primes)
+        train_labels = check_inputs(head, train_features, train_labels, "training features")
+        test_labels = check_inputs(head, test_features, test_labels, "test features")
+        if not ks or not k_primes:
+            raise ValueError("ks and k_primes must not be empty")
+        n, d = train_features.shape
+        ks, k_primes = [as_size(k, d, "k") for k in ks], [as_size(k, d, "k'") for k in k_primes]
+        if not all(isinstance(v, int) for v in ks + k_primes):
+            raise TypeError("grid_accuracy takes counts for k and k'; run influential_features for fractions of mass")
+        c = head.out_features
+        kmax = max(ks)
+        # counts[c, j, r] = #{i in class c : feature j has rank r in image i}, for r < kmax
+        rank_by = resolve_rank_by(train_features, rank_by)
+        device = train_features.device
+        counts = torch.zeros(c * d * kmax, dtype=torch.int64, device=device)
+        rows = max(1, chunk_elements // d)
+        for start in range(0, n, rows):
+            ranks = feature_ranks(train_features[start:start + rows], rank_by).long()
+            y = train_labels[start:start + rows].long().to(device)
+            keep = ranks < kmax
+            cls = y[:, None].expand_as(ranks)[keep]
+            j = torch.arange(d, device=device).expand_as(ranks)[keep]
+            counts += torch.bincount((cls * d + j) * kmax + ranks[keep], minlength=c * d * kmax)
+        cumulative = counts.view(c, d, kmax).cumsum(2)        # histograms for every k at once
+        weight, bias = head.weight.detach().float().to(device), head.bias.detach().float().to(device)
+        kp_index = torch.tensor(k_primes, device=device) - 1
+        test_features, test_labels = test_features.to(device), test_labels.long().to(device)
+        result = torch.zeros(len(ks), len(k_primes), device=device)
+        test_rows = max(1, chunk_elements // (c * d))
+        for a, k in enumerate(tqdm(ks, desc="(k, k') grid", disable=not progress)):
+            order = torch.sort(cumulative[:, :, k - 1], dim=1, descending=True, stable=True).indices  # (C, D)
+            order_t = order.T.contiguous()                       # (D, C): t-th feature of each class
+            w_t = torch.gather(weight, 1, order).T.contiguous()
+            correct = torch.zeros(len(k_primes), device=device)
+            for start in range(0, len(test_features), test_rows):
+                phi = test_features[start:start + test_rows]
+                # z[n, t, c]: class c's logit from its t+1 most frequent features (classes last: fast argmax)
+                z = (phi[:, order_t] * w_t).cumsum(1)[:, kp_index] + bias
+                correct += (z.argmax(2) == test_labels[start:start + test_rows, None]).sum(0)
+            result[a] = correct / len(test_features)
+        return result.cpu()

@@ -212,11 +212,11 @@ def retrain_network(study: Study, subject: Subject, influence: InfluentialFeatur
     return table
 
 
-@torch.no_grad()
 def softmax_table(subject: Subject, head: DecomposedHead, n: int = 5) -> pd.DataFrame:
     """The first `n` test images: true class, standard and decomposed softmax of their top class."""
-    phi = subject.test_features[:n]
-    full, dec = subject.head(phi).softmax(-1), head.decomposed_softmax(phi)
+    with torch.no_grad():
+        phi = subject.test_features[:n]
+        full, dec = subject.head(phi).softmax(-1), head.decomposed_softmax(phi)
     return pd.DataFrame({"image": range(len(phi)), "true": [subject.classes[i] for i in subject.test.labels[:n]],
                          "pred_full": [subject.classes[i] for i in full.argmax(1)], "p_full": full.max(1).values.tolist(),
                          "pred_decomposed": [subject.classes[i] for i in dec.argmax(1)],

@@ -39,22 +39,22 @@ def fetch_images(split: ImageSplit, index: torch.Tensor) -> torch.Tensor:
     return images
 
 
-@torch.no_grad()
 def class_maps(model: FeatureModel, split: ImageSplit, images: torch.Tensor, labels: torch.Tensor,
                influence: InfluentialFeatures, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(maps, raw): maps float (N, 3, H, W) in [0, 1] in MAP_NAMES order; raw (N, 3) their mean activations."""
-    model.require_spatial_maps("Table 7's class maps")
-    model.eval().cpu()
-    maps = model.forward_maps(split.normalize(images)).float()
-    labels = labels.long()
-    chosen = [torch.ones_like(influence.mask[labels]), non_influential_mask(influence, seed)[labels],
-              influence.mask[labels]]
-    stack = torch.stack([(maps * m.float()[:, :, None, None]).sum(1) / m.float().sum(1).clamp(min=1)[:, None, None]
-                         for m in chosen], 1)                     # (N, 3, h, w)
-    raw = stack.mean((2, 3))
-    up = F.interpolate(stack, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    low, high = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
-    return (up - low) / (high - low).clamp(min=1e-8), raw
+    with torch.no_grad():
+        model.require_spatial_maps("Table 7's class maps")
+        model.eval().cpu()
+        maps = model.forward_maps(split.normalize(images)).float()
+        labels = labels.long()
+        chosen = [torch.ones_like(influence.mask[labels]), non_influential_mask(influence, seed)[labels],
+                  influence.mask[labels]]
+        stack = torch.stack([(maps * m.float()[:, :, None, None]).sum(1) / m.float().sum(1).clamp(min=1)[:, None, None]
+                             for m in chosen], 1)                     # (N, 3, h, w)
+        raw = stack.mean((2, 3))
+        up = F.interpolate(stack, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        low, high = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+        return (up - low) / (high - low).clamp(min=1e-8), raw
 
 
 def image_correlation(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
