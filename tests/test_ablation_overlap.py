@@ -9,6 +9,7 @@ from sklearn.metrics import mutual_info_score
 from torch import nn
 
 from classfilters import (
+    DecomposedHead,
     InfluentialFeatures,
     influential_features,
     jaccard_matrix,
@@ -251,3 +252,53 @@ def test_summarize_with_one_and_two_draws():
 def test_jaccard_of_identical_single_feature_sets_is_one():
     mask = torch.tensor([[True, False, False], [True, False, False], [False, True, False]])
     assert jaccard_matrix(mask).tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_noise_ablation_is_its_procedure_written_out():
+    """`noise_ablation` row for row against the procedure written out (issue 16): the two noiseless rows, then per
+    draw i a generator seeded seed + i that draws the size-matched sets, then per arm N(0, 1) through the full head
+    and N(mean_j, std_j) (each feature's own, over the training features) through both heads; 10 draws by default.
+    The features' columns have different means and spreads, so a noise scaled otherwise changes the accuracies."""
+    train, train_y = planted(n_per_class=30, seed=1, strength=3.0)
+    test, test_y = planted(n_per_class=30, seed=2, strength=3.0)
+    scale = torch.linspace(0.2, 3.0, 32)
+    train, test = train * scale + scale, test * scale + scale
+    torch.manual_seed(0)
+    head = nn.Linear(32, 6)
+    with torch.no_grad():
+        head.weight[torch.arange(6), 3 * torch.arange(6)] += 1.0
+    influence = influential_features(train, train_y, 4, 4)
+
+    def written_out(seed, draws):
+        mask, decomposed = influence.mask[test_y], DecomposedHead(head, influence)
+        heads = {"full": head, "decomposed": decomposed}
+        mean, std = train.mean(0), train.std(0)
+        with torch.no_grad():
+            rows = [{"noise": "none", "head": name, "replaced": "nothing", "draw": 0,
+                     "accuracy": (h(test).argmax(1) == test_y).float().mean().item(), "authors_table8": name == "full"}
+                    for name, h in heads.items()]
+            for draw in range(draws):
+                gen = torch.Generator().manual_seed(seed + draw)
+                arms = {"influential": mask, "non_influential_all": ~mask,
+                        "non_influential_matched_size": non_influential_mask(influence, gen)[test_y]}
+                for arm, where in arms.items():
+                    noisy = torch.where(where, torch.randn(test.shape, generator=gen), test)
+                    rows.append({"noise": "standard_normal", "head": "full", "replaced": arm, "draw": draw,
+                                 "accuracy": (head(noisy).argmax(1) == test_y).float().mean().item(),
+                                 "authors_table8": arm != "non_influential_matched_size"})
+                    noisy = torch.where(where, torch.randn(test.shape, generator=gen) * std + mean, test)
+                    rows += [{"noise": "matched", "head": name, "replaced": arm, "draw": draw,
+                              "accuracy": (h(noisy).argmax(1) == test_y).float().mean().item(), "authors_table8": False}
+                             for name, h in heads.items()]
+        return rows
+
+    torch.manual_seed(123)  # the global generator plays no part
+    got = noise_ablation(head, influence, test, test_y, train)
+    assert len(got) == 2 + 10 * 3 * 3 and got == written_out(0, 10)
+    two = noise_ablation(head, influence, test, test_y, train, seed=5, draws=2)
+    assert two == written_out(5, 2)
+    one = noise_ablation(head, influence, test, test_y, train, seed=6, draws=1)  # one draw is enough
+    assert one == written_out(6, 1)
+    assert one[2:] == [{**r, "draw": 0} for r in two[2:] if r["draw"] == 1]  # a draw reproducible on its own
+    accuracy = {(r["noise"], r["head"], r["replaced"]): r["accuracy"] for r in got if r["draw"] == 0}
+    assert accuracy["matched", "full", "influential"] != accuracy["standard_normal", "full", "influential"]

@@ -427,15 +427,17 @@ def test_csg_training_is_the_alternating_loop_written_out():
 
     import torch.nn.functional as F
     model, split = planted_csg_case(n=40)  # 160 images: 10 batches of 16 (one-cycle needs >= 8 steps)
-    n, b, lr, wd, lam, gate_lr, budget = 160, 16, 0.05, 5e-4, 0.02, 0.03, 0.3
-    recipe = Recipe(epochs=1, batch_size=b, lr=lr, crop_padding=0, flip=False, weight_decay=wd, precision="fp32")
-    for rule in ("clip", "row_max"):
+    n, lr, wd, lam, gate_lr, budget = 160, 0.05, 5e-4, 0.02, 0.03, 0.3
+    # 10 steps of 16 under one-cycle (both rules), and 5 steps of 32: too few to warm up, a constant rate
+    for rule, b in (("clip", 16), ("row_max", 16), ("clip", 32)):
+        recipe = Recipe(epochs=1, batch_size=b, lr=lr, crop_padding=0, flip=False, weight_decay=wd, precision="fp32")
         got = csg.train_csg(model, split, recipe, lam=lam, seed=3, device="cpu", gate_lr=gate_lr, gate_rule=rule,
                             budget=budget)
         m, gates = copy.deepcopy(model), torch.full((12, 4), 0.5, requires_grad=True)
         sgd = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
         adam = torch.optim.Adam([gates], lr=gate_lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(sgd, lr, total_steps=n // b, pct_start=0.25)
+        sched = (torch.optim.lr_scheduler.OneCycleLR(sgd, lr, total_steps=n // b, pct_start=0.25) if n // b >= 8
+                 else torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0))
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
         for step, start in enumerate(range(0, n, b)):
             idx = perm[start:start + b]
@@ -461,3 +463,47 @@ def test_csg_training_is_the_alternating_loop_written_out():
         assert torch.allclose(got.gates, gates.detach(), atol=1e-5), rule
         for (name, a), c in zip(got.model.named_parameters(), m.parameters()):
             assert torch.allclose(a, c.detach(), atol=1e-5), (rule, name)
+
+
+def test_the_gated_path_reads_each_images_own_class_gates():
+    """`path_accuracies` by hand: closing the gate of class 1's planted feature costs the gated path exactly class
+    1's images (the standard path keeps all); closing it in another class's column costs nothing."""
+    model, split = planted_csg_case()
+    features = split.images[:, :, 0, 0].float()
+    gated = csg.GatedModel(model)
+    with torch.no_grad():
+        gated.gates.fill_(1.0)
+        gated.gates[3, 1] = 0.0            # class 1 reads feature 3: closed for class 1's images
+        gated.gates[6, 0] = 0.0            # class 2's feature, closed in class 0's column: harmless
+    share = (split.labels == 1).float().mean().item()
+    assert csg.path_accuracies(gated, features, split.labels) == {"standard": 1.0, "gated": 1.0 - share}
+
+
+def test_example_images_default_to_eight_classes_and_maps_name_their_table():
+    labels = torch.arange(12).repeat(2)
+    assert visualize.example_index(labels).tolist() == list(range(8))
+    model, split = planted_csg_case()
+    flat = FeatureModel(nn.Identity(), model.head, name="flat", spatial_maps=False)
+    influence = influential_features(split.images[:, :, 0, 0].float(), split.labels, 1, 1)
+    with pytest.raises(ValueError) as error:
+        visualize.class_maps(flat, split, split.images[:2], split.labels[:2], influence)
+    assert str(error.value).startswith("Table 7's class maps: flat has no spatial feature maps")
+
+
+def test_image_correlation_holds_for_maps_of_tiny_spread():
+    """Pearson's r does not depend on the map's scale: a map 1e-6 x the brightness still correlates 1 (the guard
+    against a zero spread must not bite on a small one)."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (1, 1, 4, 5), generator=gen, dtype=torch.uint8)
+    maps = images.float().expand(1, 3, 4, 5) * torch.tensor([1e-6, -1e-6, 1.0])[None, :, None, None]
+    assert visualize.image_correlation(images, maps)[0].tolist() == pytest.approx([1.0, -1.0, 1.0], abs=1e-4)
+
+
+def test_csg_trains_in_bf16_when_the_recipe_says_so():
+    """precision "bf16" runs the forward passes under bf16 autocast (the weights differ from float32's), "fp32" not."""
+    model, split = planted_csg_case(n=16)
+    trained = {}
+    for precision in ("bf16", "fp32"):
+        recipe = Recipe(epochs=1, batch_size=16, lr=0.05, crop_padding=0, flip=False, precision=precision)
+        trained[precision] = csg.train_csg(model, split, recipe, lam=0.01, device="cpu").model.head.weight
+    assert not torch.allclose(trained["bf16"], trained["fp32"], atol=1e-6)

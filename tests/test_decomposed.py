@@ -279,3 +279,53 @@ def test_the_decomposed_softmax_of_one_feature_vector_is_that_row_of_its_batch()
     head = DecomposedHead(nn.Linear(32, 6), influential_features(features, labels, 3, 3).mask)
     batch = head.decomposed_softmax(features[:4])
     assert torch.allclose(head.decomposed_softmax(features[2]), batch[2]) and torch.allclose(batch.sum(1), torch.ones(4))
+
+
+def test_the_grid_counts_every_training_image_up_to_the_largest_k_by_the_ranking_asked():
+    """grid_accuracy against Algorithm 1 and `evaluate` pair by pair where its shortcuts could slip: signed features
+    ranked by magnitude and by value (the grids differ), every k below D (ranks at or beyond max(ks) are not
+    counted), one image per chunk, and a class whose only training image is the first (leaving it out changes
+    the grid)."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, c = 40, 8, 3
+    train, test = torch.randn(n, d, generator=gen), torch.randn(90, d, generator=gen)
+    train_y, test_y = torch.randint(1, c, (n,), generator=gen), torch.randint(0, c, (90,), generator=gen)
+    train_y[0] = 0
+    head = random_head(d, c, seed=1)
+    ks, kps = [1, 2, 3], [1, 2, 4, 8]
+    grids = {}
+    for rank_by in ("magnitude", "value"):
+        grids[rank_by] = grid_accuracy(train, train_y, test, test_y, head, ks, kps, rank_by=rank_by,
+                                       chunk_elements=d - 1)
+        for a, k in enumerate(ks):
+            for b, kp in enumerate(kps):
+                influence = influential_features(train, train_y, k, kp, num_classes=c, rank_by=rank_by)
+                expected = evaluate(head, influence, test, test_y)["acc_decomposed"]
+                assert grids[rank_by][a, b].item() == pytest.approx(expected, abs=1e-6), (rank_by, k, kp)
+    assert not torch.equal(grids["magnitude"], grids["value"])
+    without_first = grid_accuracy(train[1:], train_y[1:], test, test_y, head, ks, kps, rank_by="magnitude")
+    assert not torch.equal(without_first, grids["magnitude"])
+
+
+def test_the_grid_names_the_input_at_fault():
+    """Each refusal says which argument is wrong, in full: the training or the test features or labels, k or k'."""
+    features, labels = torch.rand(10, 4), torch.arange(10) % 2
+    head, bad = random_head(4, 2), features.clone()
+    bad[0, 0] = float("nan")
+    nan = (" features: 1 rows hold NaN or inf (first rows [0]); check the checkpoint and the input normalisation, "
+           "or use fp32 instead of bf16")
+    outside = "must lie in [0, 2); found 5..6"
+    range_k = "is out of range: a count must lie between 1 and D=4 (or give a fraction of mass in (0, 1], e.g. 0.9)"
+    cases = [((bad, labels, features, labels, [1], [1]), "training" + nan),
+             ((features, labels, bad, labels, [1], [1]), "test" + nan),
+             ((features, labels + 5, features, labels, [1], [1]), f"labels of the training features {outside}"),
+             ((features, labels, features, labels + 5, [1], [1]), f"labels of the test features {outside}"),
+             ((features, labels, features, labels, [5], [1]), f"k=5 {range_k}"),
+             ((features, labels, features, labels, [1], [5]), f"k'=5 {range_k}"),
+             ((features, labels, features, labels, [], [1]), "ks and k_primes must not be empty"),
+             ((features, labels, features, labels, [1], [0.5]),
+              "grid_accuracy takes counts for k and k'; run influential_features for fractions of mass")]
+    for (train, train_y, test, test_y, ks, kps), message in cases:
+        with pytest.raises((ValueError, TypeError)) as error:
+            grid_accuracy(train, train_y, test, test_y, head, ks, kps)
+        assert str(error.value) == message
