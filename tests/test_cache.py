@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -370,4 +371,6 @@ def test_cache_warnings_point_at_the_caller(tmp_path, monkeypatch):
     path.write_bytes(b"\0" * 16)
     with pytest.warns(cache.CacheWarning) as caught:
         cache.load("features", {"k": 1})
-    assert caught[0].filename == __file__
+    if "mutmut" not in sys.modules:  # its trampolines are frames between the caller and cache.py (_warn not mutated)
+        assert caught[0].filename == __file__
+    assert [str(w.message) for w in caught] == [f"cache entry {path} is unreadable (SafetensorError): recomputing it"]
