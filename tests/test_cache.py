@@ -121,6 +121,49 @@ def test_a_failed_write_is_warned_about_and_leaves_nothing(folder, monkeypatch):
     assert list((folder / "features").iterdir()) == []
 
 
+def test_the_failed_writes_warning_names_the_entry_and_the_error(folder, monkeypatch):
+    def no_space(tensors, filename, metadata=None):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cache, "save_file", no_space)
+    with pytest.warns(cache.CacheWarning) as caught:
+        cache.save("features", {"k": 3}, {"f": torch.ones(2)})
+    assert [str(w.message) for w in caught] == [
+        (f"could not write the cache entry {cache.entry_path('features', {'k': 3})} (OSError: [Errno 28] No space "
+         "left on device): going on without it")]
+
+
+def test_an_entry_is_written_beside_its_place_then_renamed(folder, monkeypatch):
+    """The temporary lies in the entry's own folder (a rename across file systems is not atomic), named by host
+    and process."""
+    written, real = [], cache.save_file
+
+    def record(tensors, filename, metadata=None):
+        written.append(Path(filename))
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(cache, "save_file", record)
+    path = cache.save("features", {"k": 5}, {"f": torch.ones(2)})
+    assert written[0].parent == path.parent == folder / "features" and cache._OUR_TEMP.match(written[0].name)
+    assert not written[0].exists() and torch.equal(cache.load("features", {"k": 5})["f"], torch.ones(2))
+
+
+def test_the_whole_cache_deleted_during_a_session_is_made_again(folder, recwarn):
+    import shutil
+    cache.save("features", {"x": 1}, {"f": torch.ones(2)})  # the folder is checked (and remembered) here
+    shutil.rmtree(folder)
+    assert cache.save("features", {"x": 2}, {"f": torch.zeros(2)}) == folder / "features" / (
+        cache.key_hash({"x": 2}) + ".safetensors") and len(recwarn) == 0
+
+
+def test_a_kind_whose_folder_cannot_be_written_is_said_by_its_folder(folder):
+    """The cache folder itself is fine but one kind's folder is a file: saving that kind says so, once, by the
+    kind's folder, and other kinds are written."""
+    (folder / "features").write_text("x")
+    with pytest.warns(cache.CacheWarning) as caught:
+        assert cache.save("features", {"k": 1}, {"f": torch.ones(1)}) is None
+    assert [str(w.message).split(" (")[0] for w in caught] == [f"the cache folder {folder / 'features'} cannot be written"]
+    assert cache.save("models", {"k": 1}, {"f": torch.ones(1)}) is not None
+
+
 def test_discard_removes_the_entry_and_never_raises(folder, monkeypatch):
     cache.save("features", {"k": 4}, {"f": torch.ones(1)})
     cache.save("features", {"k": 5}, {"f": torch.ones(1)})
@@ -297,6 +340,25 @@ def test_partials_builtins_and_callable_objects_are_identified():
     assert cache.code_identity(Scale(2)) == cache.code_identity(Scale(2))
     wrapped = [functools.partial(torch.nn.MaxPool2d(k), torch.zeros(1)) for k in (2, 3)]
     assert cache.code_identity(wrapped[0]) != cache.code_identity(wrapped[1])
+    import operator
+    assert cache.code_identity(operator.itemgetter(1)) != cache.code_identity(operator.itemgetter(2))  # no __dict__
+    assert cache.code_identity(str.upper) != cache.code_identity(str.lower)  # a descriptor has no __module__
+    assert cache._callable_text(str.upper).startswith(".str.upper:")
+
+
+def test_two_lambdas_on_one_line_or_made_by_exec_are_told_apart_by_their_bytecode():
+    """The source of a lambda is its whole line, and a function made by exec has none: the bytecode, names and
+    constants tell them apart."""
+    plus, minus = (lambda x: x + 1), (lambda x: x - 1)  # same line, same constants and names: only the bytecode
+    assert cache._source_hash(plus) != cache._source_hash(minus)
+    assert cache.code_identity(plus) != cache.code_identity(minus)
+    made = []
+    for constant in (1, 2, 1):
+        scope = {}
+        exec(f"def f():\n    return {constant}\n", scope)  # noqa: S102 -- a function without a source file
+        made.append(scope["f"])
+    hashes = [cache._source_hash(f) for f in made]
+    assert hashes[0] != hashes[1] and hashes[0] == hashes[2]  # the constants count (no source to read them from)
 
 
 def test_a_module_is_identified_by_its_classes_code_and_settings_not_its_weights(tmp_path):
@@ -313,6 +375,12 @@ def test_a_module_is_identified_by_its_classes_code_and_settings_not_its_weights
     assert cache.code_identity(a) != cache.code_identity(c)  # a callable setting
     d = module_from(tmp_path / "d", "blocks", text.replace("self.pool(self.act(", "self.pool(-self.act(")).Block()
     assert cache.code_identity(a) != cache.code_identity(d)  # the forward's code
+    lambdas = [module_from(tmp_path / f"e{i}", "blocks", text.replace("torch.relu", f"lambda t: t.clamp(min={i})")).Block()
+               for i in (0, 1)]  # the same repr ("<function Block.__init__.<locals>.<lambda>>"), other code
+    assert cache.code_identity(lambdas[0]) != cache.code_identity(lambdas[1])
+    assert cache.code_identity(a.train()) == cache.code_identity(a.eval())  # the mode is not a setting
+    assert cache._settings(a) == f"act={cache._callable_text(torch.relu)}" and cache._settings(a.pool).startswith(
+        "ceil_mode=False;count_include_pad=True;divisor_override=None;kernel_size=2;")
 
 
 def test_a_change_in_an_inherited_method_changes_the_class_hash(tmp_path):

@@ -288,3 +288,34 @@ def test_warnings_are_printed_as_one_line(tmp_path, capsys, monkeypatch):
     assert main(checkpoint_file(tmp_path)) == 0
     err = capsys.readouterr().err.splitlines()
     assert any(line.startswith(f"python -m classfilters: warning: the cache folder {blocked}") for line in err)
+
+
+def test_the_readme_lists_every_option_as_the_help_says_it():
+    """README's option list is the parser's options, metavars, required marks and help texts (so the README is
+    never stale and no help text goes astray); `--help` prints each of them under the module's one-line summary."""
+    import re
+    from pathlib import Path
+
+    from classfilters import cli
+    parser = cli.parser()
+    lines = []
+    for a in parser._actions:
+        if "--help" in a.option_strings:
+            continue
+        meta = "" if a.nargs == 0 else f" {a.metavar or a.dest.upper()}" if a.nargs is None else f" [{a.metavar}]"
+        lines.append(f"{a.option_strings[-1]}{meta}{' (required)' if a.required else ''}\n    {a.help}")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = readme.split("Its options (`python -m classfilters --help`")[1].split("```text\n")[1].split("\n```")[0]
+    assert listed == "\n".join(lines)
+    assert [line.split()[0] for line in listed.splitlines() if not line.startswith(" ")] == [
+        "--model", "--checkpoint", "--trust-checkpoint", "--pretrained", "--dataset", "--k", "--k-prime",
+        "--train-epochs", "--batch-size", "--device", "--no-cache", "--out", "--debug"]
+    assert "--model MODEL (required)" in listed and "--dataset DATASET (required)" in listed
+    assert listed.count("(required)") == 2 and "--pretrained [WEIGHTS]" in listed
+    said = " ".join(parser.format_help().split())
+    assert said.startswith("usage: python -m classfilters [-h] --model MODEL")
+    assert ("Command line: influential features of a model on a dataset, with test accuracies, as JSON. options:"
+            in said)
+    for a in parser._actions:
+        assert " ".join(a.help.split()) in said, a.dest
+    assert re.search(r"--k K features kept per image: .*\(default 5\)", said)

@@ -245,8 +245,9 @@ def _callable_text(fn) -> str:
     name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
     if inspect.isclass(target):
         return f"{name}:{_class_source_hash(target)}"
-    if not (inspect.isfunction(target) or inspect.ismethod(target)):  # a callable object
-        return f"{name}:{_class_source_hash(type(target))}:{_plain(vars(target) if hasattr(target, '__dict__') else '')}"
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):  # a callable object: its state, or its repr
+        state = vars(target) if hasattr(target, "__dict__") else repr(target)  # (itemgetter(1) is not itemgetter(2))
+        return f"{name}:{_class_source_hash(type(target))}:{_plain(state)}"
     code = target.__code__
     closure = [_plain(c.cell_contents) for c in (target.__closure__ or ()) if _cell_filled(c)]
     return f"{name}:{_source_hash(target)}:{_plain(code.co_consts)}:{closure}:{_plain(target.__defaults__)}"

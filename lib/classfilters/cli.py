@@ -45,6 +45,11 @@ def size(text: str) -> int | float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The options (the README's table of them is checked against these)."""
     p = argparse.ArgumentParser(prog="python -m classfilters", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="resnet20 (CIFAR 6n+2), resnet20_bottleneck (CIFAR 9n+2), resnet50 / densenet121 / ... (torchvision) or timm:<name>")
@@ -61,12 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"features kept per class: a count or a fraction (default {DEFAULT_K})")
     p.add_argument("--train-epochs", type=int, default=None,
                    help=f"epochs to train when no weights are given (default {DEFAULT_EPOCHS})")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass when extracting (default 256)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-cache", action="store_true", help="recompute features instead of reading the cache (decoded data and trained models are still cached)")
     p.add_argument("--out", type=Path, help="where to write the JSON (default: print it)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return p.parse_args(argv)
+    return p
 
 
 DEFAULT_EPOCHS = 30
