@@ -63,3 +63,20 @@ def digits_model():
     from classfilters import Recipe, open_dataset, trained_model
     train = open_dataset("digits", "train")
     return trained_model("resnet8", train, Recipe(epochs=4, batch_size=64, lr=0.05, flip=False), progress=False)
+
+
+def options_text(parser) -> str:
+    """A parser's options as the README lists them: `--name METAVAR (required)`, then its help indented."""
+    lines = []
+    for a in parser._actions:
+        if "--help" in a.option_strings:
+            continue
+        meta = "" if a.nargs == 0 else f" {a.metavar or a.dest.upper()}" if a.nargs is None else f" [{a.metavar}]"
+        lines.append(f"{a.option_strings[-1]}{meta}{' (required)' if a.required else ''}\n    {a.help}")
+    return "\n".join(lines)
+
+
+def readme_options(command: str) -> str:
+    """The README's list of `command`'s options (the text block after "Its options (`<command> --help`")."""
+    readme = (REPO / "README.md").read_text()
+    return readme.split(f"Its options (`{command} --help`")[1].split("```text\n")[1].split("\n```")[0]

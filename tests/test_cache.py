@@ -236,21 +236,33 @@ def test_our_temporaries_are_named_by_host_and_process(tmp_path, monkeypatch):
         names.append(os.path.basename(filename))
         raise OSError(5, "stop here")
     monkeypatch.setattr(cache, "save_file", record)
-    monkeypatch.setattr(cache.socket, "gethostname", lambda: "node-1.cluster" + "x" * 60)
+    monkeypatch.setattr(cache.socket, "gethostname", lambda: "Node-1.Cluster" + "x" * 60)
     with pytest.warns(cache.CacheWarning):
         cache.save("features", {"k": 1}, {"f": torch.ones(1)})
     match = cache._OUR_TEMP.match(names[0])
-    assert match and match["host"] == "node-1_cluster" + "x" * 26 and match["pid"] == str(os.getpid())
+    assert match and match["host"] == "Node-1_Cluster" + "x" * 26 and match["pid"] == str(os.getpid())
     monkeypatch.setattr(cache.socket, "gethostname", lambda: "")
     assert cache._host() == "host"
 
 
 def test_a_process_we_may_not_signal_is_alive(tmp_path, monkeypatch):
+    sent = []
+
     def not_permitted(pid, sig):
+        sent.append((pid, sig))
         raise PermissionError(1, "Operation not permitted")
     monkeypatch.setattr(cache.os, "kill", not_permitted)
     theirs = aged(tmp_path / f".{cache._host()}.4242.abc.tmp", 0)
     assert cache.remove_stale_temporaries(tmp_path) == [] and theirs.exists()
+    assert sent == [(4242, 0)]  # signal 0: asks whether it lives, sends nothing
+
+
+def test_the_cache_folder_is_the_variable_or_the_users_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLASSFILTERS_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache.cache_dir() == tmp_path / ".cache" / "classfilters"
+    monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path / "mine"))
+    assert cache.cache_dir() == tmp_path / "mine"
 
 
 def test_a_folder_that_cannot_be_listed_or_a_vanished_temporary_is_skipped(tmp_path, monkeypatch):
@@ -359,6 +371,29 @@ def test_two_lambdas_on_one_line_or_made_by_exec_are_told_apart_by_their_bytecod
         made.append(scope["f"])
     hashes = [cache._source_hash(f) for f in made]
     assert hashes[0] != hashes[1] and hashes[0] == hashes[2]  # the constants count (no source to read them from)
+    scope = {}
+    exec("def g(x, s=2, *, t=1):\n    return x * s + t\n", scope)  # noqa: S102 -- a function without a source file
+    g = scope["g"]
+    before = cache.code_identity(g)
+    g.__defaults__ = (3,)  # the same code, other defaults: another computation
+    after_default = cache.code_identity(g)
+    g.__kwdefaults__ = {"t": 5}
+    assert len({before, after_default, cache.code_identity(g)}) == 3
+
+
+def test_a_class_level_setting_is_part_of_the_class_hash(tmp_path):
+    """Two versions of a class whose methods are the same but whose class attribute differs compute differently."""
+    text = ("class Scale:\n    factor = 2\n    def __call__(self, x):\n        return x * self.factor\n")
+    one = module_from(tmp_path / "a", "scaling", text).Scale
+    two = module_from(tmp_path / "b", "scaling", text.replace("factor = 2", "factor = 3")).Scale
+    same = module_from(tmp_path / "c", "scaling", text).Scale
+    assert cache._class_source_hash(one) != cache._class_source_hash(two)
+    assert cache._class_source_hash(one) == cache._class_source_hash(same)
+    assert cache.code_identity(one()) != cache.code_identity(two())
+    sets = [module_from(tmp_path / name, "tagged", text.replace("factor = 2", f"factor = 2\n    tags = {{{a}, {b}}}"))
+            .Scale for name, a, b in (("d", 1, 9), ("e", 9, 1))]  # colliding in the table: printed in insertion order
+    assert repr(sets[0].tags) != repr(sets[1].tags)  # (as strings' order changes with the hash seed)
+    assert cache._class_source_hash(sets[0]) == cache._class_source_hash(sets[1])
 
 
 def test_a_module_is_identified_by_its_classes_code_and_settings_not_its_weights(tmp_path):

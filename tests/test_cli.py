@@ -294,19 +294,13 @@ def test_the_readme_lists_every_option_as_the_help_says_it():
     """README's option list is the parser's options, metavars, required marks and help texts (so the README is
     never stale and no help text goes astray); `--help` prints each of them under the module's one-line summary."""
     import re
-    from pathlib import Path
+
+    from conftest import options_text, readme_options
 
     from classfilters import cli
     parser = cli.parser()
-    lines = []
-    for a in parser._actions:
-        if "--help" in a.option_strings:
-            continue
-        meta = "" if a.nargs == 0 else f" {a.metavar or a.dest.upper()}" if a.nargs is None else f" [{a.metavar}]"
-        lines.append(f"{a.option_strings[-1]}{meta}{' (required)' if a.required else ''}\n    {a.help}")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    listed = readme.split("Its options (`python -m classfilters --help`")[1].split("```text\n")[1].split("\n```")[0]
-    assert listed == "\n".join(lines)
+    listed = readme_options("python -m classfilters")
+    assert listed == options_text(parser)
     assert [line.split()[0] for line in listed.splitlines() if not line.startswith(" ")] == [
         "--model", "--checkpoint", "--trust-checkpoint", "--pretrained", "--dataset", "--k", "--k-prime",
         "--train-epochs", "--batch-size", "--device", "--no-cache", "--out", "--debug"]
@@ -319,3 +313,53 @@ def test_the_readme_lists_every_option_as_the_help_says_it():
     for a in parser._actions:
         assert " ".join(a.help.split()) in said, a.dest
     assert re.search(r"--k K features kept per image: .*\(default 5\)", said)
+
+
+def test_the_model_is_trained_with_the_recipe_the_arguments_say(tmp_path, monkeypatch, capsys):
+    """Without weights: --train-epochs (else 30) on the train split, flipped except for the digits (8x8 glyphs
+    are not mirror-symmetric), on --device; an untrained copy is checked first."""
+    from test_security import CLASSES, jpeg_tree
+
+    from classfilters import Recipe, cli, open_dataset
+    asked = []
+
+    def trained_model(name, split, recipe, device=None):
+        asked.append((name, split.fingerprint, recipe, device))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(cli, "trained_model", trained_model)
+    assert main(["--model", "resnet8", "--dataset", "digits", "--train-epochs", "3", "--device", "cpu"]) == 1
+    assert main(["--model", "resnet8", "--dataset", "digits"]) == 1
+    root = jpeg_tree(tmp_path / "tree", {"train": CLASSES, "test": CLASSES})
+    assert main(["--model", "resnet8", "--dataset", f"cifar10:{root}", "--train-epochs", "2"]) == 1
+    digits, tree = open_dataset("digits", "train").fingerprint, open_dataset(f"cifar10:{root}", "train").fingerprint
+    assert asked == [("resnet8", digits, Recipe(epochs=3, flip=False), "cpu"),
+                     ("resnet8", digits, Recipe(epochs=30, flip=False), None),
+                     ("resnet8", tree, Recipe(epochs=2, flip=True), None)]
+    assert capsys.readouterr().err.count("stop here") == 3
+
+
+def test_under_torchrun_the_group_is_left_and_the_process_ends_with_the_code(tmp_path, monkeypatch, capsys):
+    """With several ranks, main leaves the process group, flushes and ends the process with the exit code (not the
+    interpreter's teardown, which gloo's threads sometimes abort), whether the work succeeded or failed."""
+    import pytest
+    import torch
+
+    from classfilters import cli
+    left, ended = [], []
+
+    def end(code):
+        ended.append(code)
+        raise SystemExit(code)
+    monkeypatch.setattr(cli, "init_distributed", lambda: (0, 2))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: left.append(True))
+    monkeypatch.setattr(cli.os, "_exit", end)
+    with pytest.raises(SystemExit):
+        main([*checkpoint_file(tmp_path), "--out", str(tmp_path / "r.json")])
+    assert (left, ended) == ([True], [0]) and json.loads((tmp_path / "r.json").read_text())["k"] == 3
+    monkeypatch.setattr(cli, "compute", lambda *a: 1 / 0)
+    with pytest.raises(SystemExit):
+        main(checkpoint_file(tmp_path))
+    assert (left, ended) == ([True, True], [0, 1]) and "ZeroDivisionError" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "init_distributed", lambda: (0, 1))  # one process: a plain return, nothing left
+    monkeypatch.setattr(cli, "compute", lambda *a: 0)
+    assert main(checkpoint_file(tmp_path)) == 0 and (left, ended) == ([True, True], [0, 1])

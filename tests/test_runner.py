@@ -139,3 +139,22 @@ def test_main_passes_every_option_on(tmp_path, monkeypatch):
     assert seen["args"] == ("p.yaml", "04", True, {"k": 7, "train": {"epochs": 2}}, tmp_path / "f", tmp_path / "r")
     runner.main([])
     assert seen["args"] == ("demo", None, False, {}, None, None)
+
+
+def test_the_readme_lists_every_option_as_the_help_says_it():
+    from conftest import options_text, readme_options
+    parser = runner.parser()
+    listed = readme_options("python -m classfilters.runner")
+    assert listed == options_text(parser)
+    assert [line.split()[0] for line in listed.splitlines() if not line.startswith(" ")] == [
+        "--profile", "--only", "--resume", "--set", "--figures", "--runs"]
+    assert "--set KEY=VALUE" in listed and "(required)" not in listed
+    shipped = sorted(p.stem for p in (runner.repo_root() / "profiles").glob("*.yaml"))
+    named = parser._option_string_actions["--profile"].help.split(", or the path")[0].split(" | ")
+    assert sorted(named) == shipped and parser.parse_args([]).profile == "demo"  # every profile shipped, by name
+    said = " ".join(parser.format_help().split())
+    assert said.startswith("usage: python -m classfilters.runner [-h] [--profile PROFILE]")
+    assert ("Run the paper notebooks in order for a profile with papermill; every table and figure lands in "
+            "figures/<profile>/. options:") in said
+    for a in parser._actions:
+        assert " ".join(a.help.split()) in said, a.dest

@@ -245,12 +245,11 @@ def _callable_text(fn) -> str:
     name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
     if inspect.isclass(target):
         return f"{name}:{_class_source_hash(target)}"
-    if not (inspect.isfunction(target) or inspect.ismethod(target)):  # a callable object: its state, or its repr
+    if not inspect.isfunction(target):  # a callable object: its state, or its repr
         state = vars(target) if hasattr(target, "__dict__") else repr(target)  # (itemgetter(1) is not itemgetter(2))
         return f"{name}:{_class_source_hash(type(target))}:{_plain(state)}"
-    code = target.__code__
     closure = [_plain(c.cell_contents) for c in (target.__closure__ or ()) if _cell_filled(c)]
-    return f"{name}:{_source_hash(target)}:{_plain(code.co_consts)}:{closure}:{_plain(target.__defaults__)}"
+    return f"{name}:{_source_hash(target)}:{closure}:{_plain(target.__defaults__)}:{_plain(target.__kwdefaults__)}"
 
 
 def _cell_filled(cell) -> bool:
@@ -266,8 +265,8 @@ LIBRARIES_BY_VERSION = ("torch", "torchvision", "timm")  # their classes are ide
 
 @functools.cache
 def _class_source_hash(cls: type) -> str:
-    """The code of the class and of its bases (a method it inherits changes it too); classes of
-    torch, torchvision and timm by their name and the library's version."""
+    """The code of the class and of its bases (a method it inherits changes it too) and their plain class-level
+    settings (`expansion = 4`); classes of torch, torchvision and timm by their name and the library's version."""
     from importlib import metadata
     h = hashlib.sha256()
     for base in cls.__mro__:
@@ -281,6 +280,9 @@ def _class_source_hash(cls: type) -> str:
             member = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
             if inspect.isfunction(member):
                 h.update(f"{name}:{_source_hash(member)}".encode())
+            elif not name.startswith("__") and not callable(member):  # a class-level setting (a set in a fixed order)
+                h.update(f"{name}={_plain(sorted(member, key=repr) if isinstance(member, (set, frozenset)) else member)}"
+                         .encode())
     return h.hexdigest()[:16]
 
 

@@ -50,8 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def parser() -> argparse.ArgumentParser:
     """The options (the README's table of them is checked against these)."""
-    p = argparse.ArgumentParser(prog="python -m classfilters", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m classfilters", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="resnet20 (CIFAR 6n+2), resnet20_bottleneck (CIFAR 9n+2), resnet50 / densenet121 / ... (torchvision) or timm:<name>")
     p.add_argument("--checkpoint", help="weights: a CIFAR .th file, a torch state dict or a .safetensors file")
     p.add_argument("--trust-checkpoint", action="store_true",

@@ -160,9 +160,9 @@ def run_notebooks(profile: str, only: str | None = None, resume: bool = False, o
         return status
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m classfilters.runner", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    """The options (the README's list of them is checked against these)."""
+    p = argparse.ArgumentParser(prog="python -m classfilters.runner", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="demo", help="demo | cifar10-shared | cifar10-cpu-resnet20 | cifar10 | imagenet, or the path of a YAML profile")
     p.add_argument("--only", help="run just this notebook (number, name or part of it)")
     p.add_argument("--resume", action="store_true",
@@ -171,7 +171,11 @@ def main(argv=None) -> int:
                    help="override a setting (a field of classfilters.Profile; train.epochs=20 for the Recipe)")
     p.add_argument("--figures", type=Path, help="output folder (default figures/<profile>/)")
     p.add_argument("--runs", type=Path, help="executed notebooks folder (default runs/<profile>/)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         return run_notebooks(args.profile, args.only, args.resume, parse_set(args.set), args.figures, args.runs)
     except (FileNotFoundError, ValueError) as e:  # no such profile, a misspelt setting, a corrupt provenance.json
