@@ -77,6 +77,12 @@ def test_cli_json_from_a_safetensors_checkpoint_with_and_without_the_cache(tmp_p
     assert (prov["model"], prov["checkpoint"], prov["dataset"]) == ("resnet8", str(tmp_path / "m.safetensors"),
                                                                      "digits")
     assert prov["torch"] == torch.__version__ and prov["classfilters"] == __import__("classfilters").__version__
+    import platform
+    assert prov == {"model": "resnet8", "checkpoint": str(tmp_path / "m.safetensors"), "dataset": "digits",
+                    "classfilters": prov["classfilters"], "torch": torch.__version__,
+                    "python": platform.python_version(), "num_train": len(train)}
+    for result in (a, b, c):  # wall seconds of the whole run, to a tenth
+        assert 0 < result["seconds"] < 600 and result["seconds"] == round(result["seconds"], 1)
 
 
 def test_pretrained_weights_load_offline_from_torchvision_cache(tmp_path, monkeypatch, capsys):
@@ -363,3 +369,13 @@ def test_under_torchrun_the_group_is_left_and_the_process_ends_with_the_code(tmp
     monkeypatch.setattr(cli, "init_distributed", lambda: (0, 1))  # one process: a plain return, nothing left
     monkeypatch.setattr(cli, "compute", lambda *a: 0)
     assert main(checkpoint_file(tmp_path)) == 0 and (left, ended) == ([True, True], [0, 1])
+
+
+def test_the_json_goes_into_new_folders_and_k_prime_is_checked_against_d(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert main([*checkpoint_file(tmp_path), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["k_prime"] == 4
+    capsys.readouterr()
+    assert main([*checkpoint_file(tmp_path), "--k-prime", "65"]) == 1
+    assert capsys.readouterr().err == ("python -m classfilters: error: --k-prime=65 is out of range: a count must lie "
+                                       "between 1 and D=64 (or give a fraction of mass in (0, 1], e.g. 0.9)\n")

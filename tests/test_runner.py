@@ -23,6 +23,142 @@ def notebook(folder: Path, name: str, body: str, params: str = "profile = 'demo'
     return folder / name
 
 
+def test_the_readme_lists_every_option_as_the_help_says_it():
+    from conftest import options_text, readme_options
+    parser = runner.parser()
+    listed = readme_options("python -m classfilters.runner")
+    assert listed == options_text(parser)
+    assert [line.split()[0] for line in listed.splitlines() if not line.startswith(" ")] == [
+        "--profile", "--only", "--resume", "--set", "--figures", "--runs"]
+    assert "--set KEY=VALUE" in listed and "(required)" not in listed
+    shipped = sorted(p.stem for p in (runner.repo_root() / "profiles").glob("*.yaml"))
+    named = parser._option_string_actions["--profile"].help.split(", or the path")[0].split(" | ")
+    assert sorted(named) == shipped and parser.parse_args([]).profile == "demo"  # every profile shipped, by name
+    said = " ".join(parser.format_help().split())
+    assert said.startswith("usage: python -m classfilters.runner [-h] [--profile PROFILE]")
+    assert ("Run the paper notebooks in order for a profile with papermill; every table and figure lands in "
+            "figures/<profile>/. options:") in said
+    for a in parser._actions:
+        assert " ".join(a.help.split()) in said, a.dest
+
+
+def test_defaults_folders_and_what_papermill_is_asked(tmp_path, monkeypatch):
+    """Without folders: notebooks/ of the repository, figures/<name>/ and runs/<name>/ beside it (made with their
+    parents); papermill executes each notebook in the repository with the python3 kernel over local sockets in a
+    private folder under /tmp, with a progress bar on stderr unless `progress=False`; no resume unless asked.
+    papermill is replaced by a recorder here (the kernels run in the tests above)."""
+    import sys
+    import time
+
+    import papermill
+    from jupyter_client.manager import KernelManager
+    root = tmp_path / "repo"
+    root.mkdir()
+    notebook(root / "notebooks", "01_a.ipynb", "pass", params="profile = 'demo'\nout_dir = None\nk = None")
+    monkeypatch.setattr(runner, "repo_root", lambda: root)
+    import tempfile
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "elsewhere"))  # what $TMPDIR would set
+    calls = []
+
+    def execute(input_path, output_path, **kw):
+        km = kw["kernel_manager_class"](kernel_name="python3")
+        sockets = Path(km.ip).parent
+        calls.append({"input": input_path, "output": output_path, **kw, "ipc": (km.transport, km.ip),
+                      "sockets_exist": sockets.is_dir()})
+        time.sleep(0.33)  # seconds are recorded to a tenth: 0.3, neither 0 nor 0.33
+        Path(output_path).write_text("{}")
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.delenv("CLASSFILTERS_COMMIT", raising=False)
+    log = []
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 7}, log=log.append) == 0
+    assert log[0].startswith(f"note: {root} is no git checkout, and neither $CLASSFILTERS_COMMIT")  # said to `log`
+    call = calls[0]
+    figures, runs = root / "figures" / "t", root / "runs" / "t"
+    assert (call["input"], call["output"]) == (str(root / "notebooks" / "01_a.ipynb"), str(runs / "01_a.ipynb"))
+    assert call["parameters"] == {"k": 7, "profile": str(runs / "profile.yaml"), "out_dir": str(figures)}
+    assert (call["kernel_name"], call["cwd"], call["log_output"]) == ("python3", str(root), False)
+    assert call["progress_bar"] == {"desc": "01_a", "unit": "cell"} and call["stderr_file"] is sys.stderr
+    assert issubclass(call["kernel_manager_class"], KernelManager)
+    transport, ip = call["ipc"]  # under /tmp, wherever $TMPDIR points (a socket's path must stay short)
+    assert transport == "ipc" and Path(ip).parent.parent == Path("/tmp") and call["sockets_exist"]
+    assert Path(ip).parent.name.startswith("classfilters-kernels-") and not Path(ip).parent.exists()  # removed after
+    prov = json.loads((figures / "provenance.json").read_text())
+    entry = prov["notebooks"]["01_a"]
+    assert entry["status"] == "ok" and 0.3 <= entry["seconds"] < 0.9 and entry["seconds"] == round(entry["seconds"], 1)
+    assert entry["seconds"] <= prov["total_seconds_this_run"] < 5  # wall seconds, to a tenth
+    assert prov["total_seconds_this_run"] == round(prov["total_seconds_this_run"], 1)
+    assert (runs / "profile.yaml").is_file() and log[-1].startswith("[t] all done in ") and log[-1].endswith(
+        f" s: tables and figures in {figures}")
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 7}, progress=False, log=log.append) == 0
+    assert len(calls) == 2  # run again: no resume unless asked
+    assert calls[1]["progress_bar"] is False and calls[1]["stderr_file"] is None
+
+
+def test_a_full_run_records_what_it_ran_and_only_other_settings_are_called_other(tmp_path, monkeypatch):
+    """A run of every notebook starts a fresh record (a notebook it did not reach is not carried from before); a
+    run of one notebook keeps the others' records and names only those made under other settings."""
+    import time
+
+    import papermill
+    folder = tmp_path / "nbs"
+    for name in ("01_a.ipynb", "02_b.ipynb", "03_c.ipynb"):
+        notebook(folder, name, "pass")
+    failing = set()
+
+    def execute(input_path, output_path, **kw):
+        if Path(input_path).stem in failing:
+            time.sleep(0.33)
+            raise RuntimeError("broken")
+        Path(output_path).write_text("{}")
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    log = []
+    kw = {"figures_dir": tmp_path / "figures", "runs_dir": tmp_path / "runs", "notebooks_dir": folder,
+          "progress": False, "log": log.append}
+
+    def recorded():
+        return json.loads((tmp_path / "figures" / "provenance.json").read_text())["notebooks"]
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 3}, **kw) == 0
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 3}, only="03", **kw) == 0
+    assert not any("other settings" in line for line in log) and recorded().keys() == {"01_a", "02_b", "03_c"}
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 4}, only="03", **kw) == 0
+    assert "[t] 01_a, 02_b: made under other settings; their records are kept, tagged with them " \
+           "(provenance.json#settings)" in log
+    failing.add("01_a")
+    assert runner.run_notebooks("demo", overrides={"name": "t", "k": 4}, **kw) == 1
+    assert recorded().keys() == {"01_a"} and recorded()["01_a"]["error"] == "RuntimeError: broken"
+    total = json.loads((tmp_path / "figures" / "provenance.json").read_text())["total_seconds_this_run"]
+    assert 0.3 <= total < 5 and total == round(total, 1) and isinstance(total, float)  # written at the failure
+
+
+def test_a_socket_folder_that_cannot_be_removed_does_not_fail_the_run(tmp_path, monkeypatch):
+    """The kernels' socket folder is removed after the run; an error removing it (a socket still busy) loses
+    nothing: the run's results and its exit status stand."""
+    import shutil
+    import tempfile
+
+    import papermill
+    notebook(tmp_path / "nbs", "01_a.ipynb", "pass")
+    monkeypatch.setattr(papermill, "execute_notebook", lambda i, o, **kw: Path(o).write_text("{}"))
+    real, refused = shutil.rmtree, []
+
+    def busy(path, *args, onerror=None, onexc=None, **kw):  # as rmtree reports a failure to remove a folder
+        if not Path(path).name.startswith("classfilters-kernels-"):
+            return real(path, *args, onerror=onerror, **kw) if onexc is None else real(path, *args, onexc=onexc, **kw)
+        refused.append(path)
+        error = OSError(16, "Device or resource busy")
+        if onexc is not None:
+            onexc(os.rmdir, path, error)
+        else:
+            onerror(os.rmdir, path, (OSError, error, None))
+    monkeypatch.setattr(tempfile._shutil, "rmtree", busy)
+    assert runner.run_notebooks("demo", overrides={"name": "t"}, figures_dir=tmp_path / "figures",
+                                runs_dir=tmp_path / "runs", notebooks_dir=tmp_path / "nbs", progress=False,
+                                log=lambda line: None) == 0
+    assert len(refused) == 1 and (tmp_path / "figures" / "provenance.json").is_file()
+    real(refused[0], ignore_errors=True)
+
+
 def test_notebooks_are_the_numbered_ones_in_order(tmp_path):
     for name in ("10_last.ipynb", "02_b.ipynb", "01_a.ipynb", "scratch.ipynb", "3_short.ipynb", "04_x.txt"):
         (tmp_path / name).write_text("{}")
@@ -139,22 +275,3 @@ def test_main_passes_every_option_on(tmp_path, monkeypatch):
     assert seen["args"] == ("p.yaml", "04", True, {"k": 7, "train": {"epochs": 2}}, tmp_path / "f", tmp_path / "r")
     runner.main([])
     assert seen["args"] == ("demo", None, False, {}, None, None)
-
-
-def test_the_readme_lists_every_option_as_the_help_says_it():
-    from conftest import options_text, readme_options
-    parser = runner.parser()
-    listed = readme_options("python -m classfilters.runner")
-    assert listed == options_text(parser)
-    assert [line.split()[0] for line in listed.splitlines() if not line.startswith(" ")] == [
-        "--profile", "--only", "--resume", "--set", "--figures", "--runs"]
-    assert "--set KEY=VALUE" in listed and "(required)" not in listed
-    shipped = sorted(p.stem for p in (runner.repo_root() / "profiles").glob("*.yaml"))
-    named = parser._option_string_actions["--profile"].help.split(", or the path")[0].split(" | ")
-    assert sorted(named) == shipped and parser.parse_args([]).profile == "demo"  # every profile shipped, by name
-    said = " ".join(parser.format_help().split())
-    assert said.startswith("usage: python -m classfilters.runner [-h] [--profile PROFILE]")
-    assert ("Run the paper notebooks in order for a profile with papermill; every table and figure lands in "
-            "figures/<profile>/. options:") in said
-    for a in parser._actions:
-        assert " ".join(a.help.split()) in said, a.dest
