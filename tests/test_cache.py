@@ -288,12 +288,14 @@ def test_a_cache_path_that_is_a_file_is_said_once(tmp_path, monkeypatch):
     monkeypatch.setenv("CLASSFILTERS_CACHE", str(blocked))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        answers = cache.writable("features"), cache.writable("models"), cache.save("features", {"k": 1}, {"f": torch.ones(1)})
-    assert answers == (False, False, None)
+        answers = (cache.writable("features"), cache.writable("models"), cache.save("features", {"k": 1}, {"f": torch.ones(1)}),
+                   cache.writable())
+    assert answers == (False, False, None, False)
     assert len(caught) == 1 and caught[0].category is cache.CacheWarning
     assert re.search(f"{re.escape(str(blocked))}.* cannot be written .*CLASSFILTERS_CACHE", str(caught[0].message))
     monkeypatch.setenv("CLASSFILTERS_CACHE", str(tmp_path / "ok"))
     assert cache.writable("features") is True and (tmp_path / "ok" / "features").is_dir()
+    assert cache.writable() is True and sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["features"]
 
 
 # --------------------------------------------------------------------------------------
@@ -355,6 +357,14 @@ def test_partials_builtins_and_callable_objects_are_identified():
     import operator
     assert cache.code_identity(operator.itemgetter(1)) != cache.code_identity(operator.itemgetter(2))  # no __dict__
     assert cache.code_identity(str.upper) != cache.code_identity(str.lower)  # a descriptor has no __module__
+
+
+def test_a_bound_method_is_identified_by_its_function(tmp_path):
+    text = "class Pool:\n    def reduce(self, x):\n        return x.mean(-1)\n"
+    one = module_from(tmp_path / "a", "pools", text).Pool()
+    two = module_from(tmp_path / "b", "pools", text.replace("mean", "amax")).Pool()  # same names, other code
+    assert cache.code_identity(one.reduce) != cache.code_identity(two.reduce)
+    assert cache.code_identity(one.reduce) == cache.code_identity(type(one).reduce)
     assert cache._callable_text(str.upper).startswith(".str.upper:")
 
 
