@@ -404,6 +404,18 @@ def test_a_class_level_setting_is_part_of_the_class_hash(tmp_path):
             .Scale for name, a, b in (("d", 1, 9), ("e", 9, 1))]  # colliding in the table: printed in insertion order
     assert repr(sets[0].tags) != repr(sets[1].tags)  # (as strings' order changes with the hash seed)
     assert cache._class_source_hash(sets[0]) == cache._class_source_hash(sets[1])
+    variants = {"factor = 2": ["factor = 2\n    act = torch.relu", "factor = 2\n    act = torch.sigmoid",
+                               "factor = 2\n    norm = torch.nn.BatchNorm2d", "factor = 2\n    norm = torch.nn.LayerNorm",
+                               "factor = 2\n    widths = [16, 32]", "factor = 2\n    widths = [16, 64]",
+                               "factor = 2\n    table = {'a': (1, 2)}", "factor = 2\n    table = {'a': (1, 3)}"]}
+    hashes = [cache._class_source_hash(module_from(tmp_path / f"v{i}", "variant", "import torch\n" + text.replace(
+        "factor = 2", v)).Scale) for i, v in enumerate(variants["factor = 2"])]
+    assert len(set(hashes)) == len(hashes)  # callable, class and container settings count
+    state = [module_from(tmp_path / f"s{i}", "stateful", "import logging\n" + text.replace(
+        "factor = 2", f"factor = 2\n    {line}")).Scale for i, line in enumerate((
+            "log = logging.getLogger('x')", "log = logging.getLogger('y')", "registry = {'k': logging}"))]
+    bare = module_from(tmp_path / "s3", "stateful", text).Scale
+    assert {cache._class_source_hash(c) for c in state} == {cache._class_source_hash(bare)}  # state, not settings
 
 
 def test_a_module_is_identified_by_its_classes_code_and_settings_not_its_weights(tmp_path):

@@ -82,7 +82,7 @@ def test_cli_json_from_a_safetensors_checkpoint_with_and_without_the_cache(tmp_p
                     "classfilters": prov["classfilters"], "torch": torch.__version__,
                     "python": platform.python_version(), "num_train": len(train)}
     for result in (a, b, c):  # wall seconds of the whole run, to a tenth
-        assert 0 < result["seconds"] < 600 and result["seconds"] == round(result["seconds"], 1)
+        assert 0 <= result["seconds"] < 600 and result["seconds"] == round(result["seconds"], 1)
 
 
 def test_pretrained_weights_load_offline_from_torchvision_cache(tmp_path, monkeypatch, capsys):
@@ -296,7 +296,7 @@ def test_warnings_are_printed_as_one_line(tmp_path, capsys, monkeypatch):
     assert any(line.startswith(f"python -m classfilters: warning: the cache folder {blocked}") for line in err)
 
 
-def test_the_readme_lists_every_option_as_the_help_says_it():
+def test_the_readme_lists_every_option_as_the_help_says_it(monkeypatch):
     """README's option list is the parser's options, metavars, required marks and help texts (so the README is
     never stale and no help text goes astray); `--help` prints each of them under the module's one-line summary."""
     import re
@@ -304,6 +304,7 @@ def test_the_readme_lists_every_option_as_the_help_says_it():
     from conftest import options_text, readme_options
 
     from classfilters import cli
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help at the terminal's width, breaking at hyphens
     parser = cli.parser()
     listed = readme_options("python -m classfilters")
     assert listed == options_text(parser)

@@ -265,9 +265,25 @@ LIBRARIES_BY_VERSION = ("torch", "torchvision", "timm")  # their classes are ide
 
 @functools.cache
 def _class_source_hash(cls: type) -> str:
-    """The code of the class and of its bases (a method it inherits changes it too) and their plain class-level
-    settings (`expansion = 4`); classes of torch, torchvision and timm by their name and the library's version."""
+    """The code of the class and of its bases (a method it inherits changes it too) and their class-level settings:
+    plain values (`expansion = 4`, `widths = [16, 32]`; sets in a fixed order), callables by their repr
+    (`act = torch.relu`) and classes by their name (`norm = nn.BatchNorm2d`); other class attributes (loggers,
+    registries, caches: state, not settings) are left out. Classes of torch, torchvision and timm are identified by
+    their name and the library's version."""
     from importlib import metadata
+
+    def plain(value) -> str | None:  # the value's text when it is made of numbers, strings and their containers
+        if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+            return repr(value)
+        if isinstance(value, (list, tuple, set, frozenset)):
+            items = [plain(v) for v in value]
+            ordered = sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
+            return None if None in items else f"{type(value).__name__}({', '.join(ordered)})"
+        if isinstance(value, dict):
+            pairs = [(plain(k), plain(v)) for k, v in value.items()]
+            return None if any(None in pair for pair in pairs) else f"dict({sorted(pairs)})"
+        return None
+
     h = hashlib.sha256()
     for base in cls.__mro__:
         library = base.__module__.split(".")[0]
@@ -280,9 +296,14 @@ def _class_source_hash(cls: type) -> str:
             member = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
             if inspect.isfunction(member):
                 h.update(f"{name}:{_source_hash(member)}".encode())
-            elif not name.startswith("__") and not callable(member):  # a class-level setting (a set in a fixed order)
-                h.update(f"{name}={_plain(sorted(member, key=repr) if isinstance(member, (set, frozenset)) else member)}"
-                         .encode())
+            elif name.startswith("__"):
+                continue
+            elif inspect.isclass(member):
+                h.update(f"{name}={member.__module__}.{member.__qualname__}".encode())
+            elif callable(member):
+                h.update(f"{name}={_plain(member)}".encode())
+            elif (text := plain(member)) is not None:
+                h.update(f"{name}={text}".encode())
     return h.hexdigest()[:16]
 
 
