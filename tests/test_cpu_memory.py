@@ -23,23 +23,25 @@ for step in range(10):
     before = faults()
     model(x).sum().backward()
     per_step.append(faults() - before)
-print(statistics.median(per_step[2:]))  # after two steps of warm-up
+print(statistics.mean(per_step[2:]))  # after two steps of warm-up
 """
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_training_steps_fault_in_no_fresh_pages():
     """A forward and backward pass of a ResNet-8 on 256 CIFAR images, again and again: glibc's default maps
-    its large activation maps afresh every step (16,000-49,000 page faults a step here); kept, they are
-    reused (none in most steps; torch's aligned allocations still fault now and then, hence the median)."""
+    its large activation maps afresh every step (12,000-61,000 page faults a step here, 29,000-44,000 on
+    average); kept, they are reused (none in most steps, but torch's aligned allocations still fault up to
+    20,000 times in some: at most 2,600 a step on average in 16 runs here, hence a bound of 8,000 on the mean,
+    three times either side)."""
     def faults_per_step(mode, env=None):
         environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | (env or {})
         out = subprocess.run([sys.executable, "-c", TRAINING_STEPS, mode], capture_output=True, text=True,
                              check=True, env=environ)
         return float(out.stdout.split()[-1])
-    assert faults_per_step("default") > 10_000
-    assert faults_per_step("keep") < 1_000
-    assert faults_per_step("default", child_environment({})) < 1_000  # the runner's kernels: set at start
+    assert faults_per_step("default") > 8_000
+    assert faults_per_step("keep") < 8_000
+    assert faults_per_step("default", child_environment({})) < 8_000  # the runner's kernels: set at start
 
 
 def test_the_runners_kernels_keep_freed_memory_unless_the_user_chose(monkeypatch):
