@@ -359,13 +359,92 @@ def test_partials_builtins_and_callable_objects_are_identified():
     assert cache.code_identity(str.upper) != cache.code_identity(str.lower)  # a descriptor has no __module__
 
 
-def test_a_bound_method_is_identified_by_its_function(tmp_path):
-    text = "class Pool:\n    def reduce(self, x):\n        return x.mean(-1)\n"
+def test_a_bound_method_is_identified_by_its_function_and_its_object(tmp_path):
+    text = "class Pool:\n    dim = -1\n    def reduce(self, x):\n        return x.mean(self.dim)\n"
     one = module_from(tmp_path / "a", "pools", text).Pool()
     two = module_from(tmp_path / "b", "pools", text.replace("mean", "amax")).Pool()  # same names, other code
     assert cache.code_identity(one.reduce) != cache.code_identity(two.reduce)
-    assert cache.code_identity(one.reduce) == cache.code_identity(type(one).reduce)
+    again = type(one)()
+    assert cache.code_identity(one.reduce) == cache.code_identity(again.reduce)
+    again.dim = 0  # the same method on an object set otherwise computes otherwise
+    assert cache.code_identity(one.reduce) != cache.code_identity(again.reduce)
+    assert cache.code_identity(one.reduce) != cache.code_identity(type(one).reduce)  # the function alone
+    pools = [torch.nn.MaxPool2d(k).forward for k in (2, 3, 2)]  # a module's method: the module's settings count
+    assert [cache.code_identity(p) for p in pools].count(cache.code_identity(pools[0])) == 2
     assert cache._callable_text(str.upper).startswith(".str.upper:")
+
+
+def test_slots_are_state(tmp_path):
+    """A callable object with `__slots__` has no `__dict__`: its slots (private ones under their stored name) are
+    its state."""
+    text = ("class S:\n    __slots__ = ('k', '__secret')\n    def __init__(self, k, secret=0):\n"
+            "        self.k, self.__secret = k, secret\n    def __call__(self, x):\n        return x * self.k\n"
+            "class One:\n    __slots__ = 'k'\n    def __init__(self, k):\n        self.k = k\n"
+            "    def __call__(self, x):\n        return x + self.k\n"
+            "class Sub(S):\n    __slots__ = ('extra', '__dict__')\n")
+    m = module_from(tmp_path, "slotted", text)
+    ids = [cache.code_identity(f) for f in (m.S(2), m.S(3), m.S(2, secret=1), m.S(2), m.One(1), m.One(2))]
+    assert len(set(ids)) == 5 and ids[0] == ids[3]
+    assert cache._state(m.S(2, secret=1)) == {"k": 2, "_S__secret": 1}
+    sub = m.Sub(2)
+    sub.extra, sub.note = 7, "n"
+    assert cache._state(sub) == {"k": 2, "_S__secret": 0, "extra": 7, "note": "n"}
+    assert cache._state(m.Sub(2)) == {"k": 2, "_S__secret": 0}  # a slot never set is not state
+
+
+def test_memory_addresses_are_left_out_in_either_case():
+    class At:
+        def __init__(self, address):
+            self.address = address
+
+        def __repr__(self):
+            return f"<At at {self.address}>"
+    assert {cache._plain(At(a)) for a in ("0x7f3a9c", "0x00007FFA12BC", "0x0000AbCd")} == {"<At>"}
+    assert cache._plain(At("0xg1")) == "<At at 0xg1>"  # not an address
+
+
+def test_a_decorated_function_is_identified_by_the_function_it_wraps(tmp_path):
+    """A decorator's wrapper holds the function in its closure or `__wrapped__`: a change to the wrapped body
+    changes the identity, in a function, a callable object's attribute and a class's (cached) methods."""
+    text = ("import functools, torch\n"
+            "def logged(fn):\n    @functools.wraps(fn)\n    def wrapper(*a):\n        return fn(*a)\n    return wrapper\n"
+            "@logged\ndef f(x):\n    return x + 1\n"
+            "@functools.cache\ndef g(x):\n    return x + 1\n"
+            "class Apply:\n    def __init__(self, fn):\n        self.fn = fn\n    def __call__(self, x):\n"
+            "        return self.fn(x)\n"
+            "class Net(torch.nn.Module):\n    @torch.no_grad()\n    def forward(self, x):\n        return x + 1\n"
+            "    @functools.cached_property\n    def offset(self):\n        return 1 + 1\n"
+            "    @functools.cache\n    def table(self):\n        return [1] + [1]\n")
+    versions = [module_from(tmp_path / name, "decorated", text.replace(old, new)) for name, old, new in (
+        ("a", "", ""), ("b", "x + 1", "x + 2"), ("c", "", ""))]
+    a, b, c = versions
+    for pick in (lambda m: m.f, lambda m: m.g, lambda m: m.Apply(m.f), lambda m: m.Net()):
+        assert cache.code_identity(pick(a)) != cache.code_identity(pick(b))
+        assert cache.code_identity(pick(a)) == cache.code_identity(pick(c))
+    for old, new in (("1 + 1", "1 + 2"), ("[1] + [1]", "[1] + [2]")):  # a cached property's or method's body
+        changed = module_from(tmp_path / new.replace(" ", ""), "decorated", text.replace(old, new))
+        assert cache._class_source_hash(changed.Net) != cache._class_source_hash(a.Net)
+    assert [f.__name__ for f in cache._wrapped_layers(a.f)] == ["f", "f"]  # the wrapper (named f by wraps), then f
+    assert cache._wrapped_layers(a.f)[0] is not cache._wrapped_layers(a.f)[1]
+
+
+def test_self_reference_is_written_once():
+    """A recursive inner function holds itself in its closure; a module may hold its own method as a setting."""
+    def outer(n):
+        def count(k):
+            return 0 if k == 0 else 1 + count(k - 1)
+        return count
+    assert cache.code_identity(outer(1)) == cache.code_identity(outer(2))
+    assert "(itself)" in cache._callable_text(outer(1))
+
+    class Own(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale, self.act = scale, self.double
+
+        def double(self, x):
+            return x * self.scale
+    assert cache.code_identity(Own(2)) == cache.code_identity(Own(2)) != cache.code_identity(Own(3))
 
 
 def test_two_lambdas_on_one_line_or_made_by_exec_are_told_apart_by_their_bytecode():

@@ -203,14 +203,10 @@ def discard(kind: str, key: dict) -> None:
 def code_identity(obj) -> str:
     """A hash of what `obj` computes: for a module, every submodule's class, forward source and
     settings (plain attributes; not the weights); for a function or callable, its qualified name,
-    source (or bytecode), constants, bound arguments and closure. Changes when the code does."""
-    h = hashlib.sha256()
-    if isinstance(obj, torch.nn.Module):
-        for name, module in obj.named_modules():
-            h.update(f"{name}|{_callable_text(type(module))}|{_settings(module)}\n".encode())
-    else:
-        h.update(_callable_text(obj).encode())
-    return h.hexdigest()[:24]
+    source (or bytecode), constants, defaults, bound arguments and closure (a decorated function: the one it
+    wraps, by its code); for a bound method, its object too; for a callable object, its state (`__dict__` and
+    slots). Changes when the code does."""
+    return hashlib.sha256(_callable_text(obj).encode()).hexdigest()[:24]
 
 
 def source_digest(*modules) -> str:
@@ -222,34 +218,64 @@ def source_digest(*modules) -> str:
     return h.hexdigest()[:24]
 
 
-def _settings(module: torch.nn.Module) -> str:
+def _module_text(model: torch.nn.Module, seen: frozenset) -> str:
+    """Every submodule's name, class and settings (not the weights)."""
+    return "".join(f"{name}|{_callable_text(type(module))}|{_settings(module, seen)}\n"
+                   for name, module in model.named_modules())
+
+
+def _settings(module: torch.nn.Module, seen: frozenset = frozenset()) -> str:
     """The module's plain attributes (e.g. a pooling's kernel size, a wrapper's method name)."""
     items = []
     for k, v in sorted(vars(module).items()):
         if k.startswith("_") or k == "training" or isinstance(v, torch.nn.Module):
             continue
-        items.append(f"{k}={_callable_text(v) if callable(v) else _plain(v)}")
+        items.append(f"{k}={_callable_text(v, seen) if callable(v) else _plain(v)}")
     return ";".join(items)
 
 
 def _plain(value) -> str:
-    return re.sub(r" at 0x[0-9a-f]+", "", repr(value))  # no memory addresses
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # no memory addresses (upper-case hex on Windows)
 
 
-def _callable_text(fn) -> str:
+def _state(obj) -> dict:
+    """An object's attributes: its `__dict__` and its slots (a class with `__slots__` has no `__dict__`)."""
+    state = dict(getattr(obj, "__dict__", {}))
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in [slots] if isinstance(slots, str) else slots:
+            stored = f"_{cls.__name__.lstrip('_')}{slot}" if slot.startswith("__") and not slot.endswith("__") else slot
+            if slot not in ("__dict__", "__weakref__") and hasattr(obj, stored):
+                state[stored] = getattr(obj, stored)
+    return state
+
+
+def _value_text(value, seen: frozenset) -> str:
+    """A value inside a callable (a closure cell, an attribute): a function by its code, not only its name (a
+    decorator's closure holds the function it wraps); anything else by its repr."""
+    return _callable_text(value, seen) if inspect.isfunction(value) else _plain(value)
+
+
+def _callable_text(fn, seen: frozenset = frozenset()) -> str:
+    if id(fn) in seen:  # written higher up (a recursive inner function's closure, a module's method as its setting)
+        return "(itself)"
+    seen = seen | {id(fn)}
     if isinstance(fn, functools.partial):
-        return f"partial({_callable_text(fn.func)}, {_plain(fn.args)}, {_plain(sorted(fn.keywords.items()))})"
+        return f"partial({_callable_text(fn.func, seen)}, {_plain(fn.args)}, {_plain(sorted(fn.keywords.items()))})"
     if isinstance(fn, torch.nn.Module):
-        return code_identity(fn)
-    target = getattr(fn, "__func__", fn)  # a bound method: its function
+        return _module_text(fn, seen)
+    target = getattr(fn, "__func__", fn)  # a bound method: its function, and below its object's state
     name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
     if inspect.isclass(target):
         return f"{name}:{_class_source_hash(target)}"
-    if not inspect.isfunction(target):  # a callable object: its state, or its repr
-        state = vars(target) if hasattr(target, "__dict__") else repr(target)  # (itemgetter(1) is not itemgetter(2))
-        return f"{name}:{_class_source_hash(type(target))}:{_plain(state)}"
-    closure = [_plain(c.cell_contents) for c in (target.__closure__ or ()) if _cell_filled(c)]
-    return f"{name}:{_source_hash(target)}:{closure}:{_plain(target.__defaults__)}:{_plain(target.__kwdefaults__)}"
+    if not inspect.isfunction(target):  # a callable object (functools.cache's wrapper too): its state, or its repr
+        state = _state(target)  # (itemgetter(1) is not itemgetter(2): no state, its repr)
+        text = "{" + ", ".join(f"{k!r}: {_value_text(v, seen)}" for k, v in sorted(state.items())) + "}"
+        return f"{name}:{_class_source_hash(type(target))}:{text if state else _plain(target)}"
+    closure = [_value_text(c.cell_contents, seen) for c in (target.__closure__ or ()) if _cell_filled(c)]
+    bound = f":{_callable_text(fn.__self__, seen)}" if inspect.ismethod(fn) else ""  # its object: a module, a class, state
+    return (f"{name}:{_source_hash(target)}:{closure}:{_plain(target.__defaults__)}:{_plain(target.__kwdefaults__)}"
+            f"{bound}")
 
 
 def _cell_filled(cell) -> bool:
@@ -272,15 +298,15 @@ def _class_source_hash(cls: type) -> str:
     their name and the library's version."""
     from importlib import metadata
 
-    def plain(value) -> str | None:  # the value's text when it is made of numbers, strings and their containers
+    def setting_text(value) -> str | None:  # the value's text when it is made of numbers, strings and their containers
         if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
             return repr(value)
         if isinstance(value, (list, tuple, set, frozenset)):
-            items = [plain(v) for v in value]
+            items = [setting_text(v) for v in value]
             ordered = sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
             return None if None in items else f"{type(value).__name__}({', '.join(ordered)})"
         if isinstance(value, dict):
-            pairs = [(plain(k), plain(v)) for k, v in value.items()]
+            pairs = [(setting_text(k), setting_text(v)) for k, v in value.items()]
             return None if any(None in pair for pair in pairs) else f"dict({sorted(pairs)})"
         return None
 
@@ -293,18 +319,31 @@ def _class_source_hash(cls: type) -> str:
             h.update(f"{base.__module__}.{base.__qualname__}@{metadata.version(library)}".encode())
             continue
         for name, member in sorted(vars(base).items()):
+            member = member.func if isinstance(member, functools.cached_property) else member
             member = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
-            if inspect.isfunction(member):
-                h.update(f"{name}:{_source_hash(member)}".encode())
+            if inspect.isfunction(member) or hasattr(member, "__wrapped__"):  # a method, decorated or not
+                h.update(f"{name}:{[_source_hash(f) for f in _wrapped_layers(member)]}".encode())
             elif name.startswith("__"):
                 continue
             elif inspect.isclass(member):
                 h.update(f"{name}={member.__module__}.{member.__qualname__}".encode())
             elif callable(member):
                 h.update(f"{name}={_plain(member)}".encode())
-            elif (text := plain(member)) is not None:
+            elif (text := setting_text(member)) is not None:
                 h.update(f"{name}={text}".encode())
     return h.hexdigest()[:16]
+
+
+def _wrapped_layers(fn) -> list:
+    """A decorated function and the functions it wraps (`__wrapped__`, as functools.wraps and functools.cache
+    leave it), outermost first: a decorator's wrapper alone would not show a change to the method it wraps."""
+    layers, seen = [], set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        if inspect.isfunction(fn):
+            layers.append(fn)
+        fn = getattr(fn, "__wrapped__", None)
+    return layers
 
 
 def _source_hash(fn) -> str:
