@@ -376,12 +376,15 @@ def test_a_bound_method_is_identified_by_its_function_and_its_object(tmp_path):
 
 def test_slots_are_state(tmp_path):
     """A callable object with `__slots__` has no `__dict__`: its slots (private ones under their stored name) are
-    its state."""
+    its state, read without the object's own attribute lookup."""
     text = ("class S:\n    __slots__ = ('k', '__secret')\n    def __init__(self, k, secret=0):\n"
             "        self.k, self.__secret = k, secret\n    def __call__(self, x):\n        return x * self.k\n"
             "class One:\n    __slots__ = 'k'\n    def __init__(self, k):\n        self.k = k\n"
             "    def __call__(self, x):\n        return x + self.k\n"
-            "class Sub(S):\n    __slots__ = ('extra', '__dict__')\n")
+            "class Sub(S):\n    __slots__ = ('extra', '__dict__')\n"
+            "class _:\n    __slots__ = ('__p',)\n    def __init__(self, p):\n        self.__p = p\n"
+            "    def __call__(self, x):\n        return x\n"
+            "class Hidden(One):\n    k = 0\n    def __getattr__(self, name):\n        raise KeyError(name)\n")
     m = module_from(tmp_path, "slotted", text)
     ids = [cache.code_identity(f) for f in (m.S(2), m.S(3), m.S(2, secret=1), m.S(2), m.One(1), m.One(2))]
     assert len(set(ids)) == 5 and ids[0] == ids[3]
@@ -390,6 +393,11 @@ def test_slots_are_state(tmp_path):
     sub.extra, sub.note = 7, "n"
     assert cache._state(sub) == {"k": 2, "_S__secret": 0, "extra": 7, "note": "n"}
     assert cache._state(m.Sub(2)) == {"k": 2, "_S__secret": 0}  # a slot never set is not state
+    assert cache.code_identity(m._(1)) != cache.code_identity(m._(2))  # "_" mangles nothing
+    hidden = [object.__new__(m.Hidden) for _ in range(2)]
+    for h, k in zip(hidden, (1, 99)):
+        m.One.k.__set__(h, k)  # the slot, under a class attribute of the same name
+    assert cache.code_identity(hidden[0]) != cache.code_identity(hidden[1])  # and no KeyError from __getattr__
 
 
 def test_memory_addresses_are_left_out_in_either_case():
@@ -404,38 +412,54 @@ def test_memory_addresses_are_left_out_in_either_case():
 
 
 def test_a_decorated_function_is_identified_by_the_function_it_wraps(tmp_path):
-    """A decorator's wrapper holds the function in its closure or `__wrapped__`: a change to the wrapped body
-    changes the identity, in a function, a callable object's attribute and a class's (cached) methods."""
+    """A decorator's wrapper holds the function in its closure or `__wrapped__`: a change to the wrapped body, or to
+    its defaults, changes the identity, in a function, a callable object's attribute and a class's (cached)
+    methods, however the callables nest."""
     text = ("import functools, torch\n"
-            "def logged(fn):\n    @functools.wraps(fn)\n    def wrapper(*a):\n        return fn(*a)\n    return wrapper\n"
-            "@logged\ndef f(x):\n    return x + 1\n"
+            "def logged(fn):\n    def wrapper(*a):\n        return fn(*a)\n    return wrapper\n"
+            "@logged\ndef f(x, s=1):\n    return x + 1\n"
             "@functools.cache\ndef g(x):\n    return x + 1\n"
+            "def h(x):\n    return x + 1\n"
             "class Apply:\n    def __init__(self, fn):\n        self.fn = fn\n    def __call__(self, x):\n"
             "        return self.fn(x)\n"
+            "class Helper:\n    def run(self, x):\n        return x + 1\n"
+            "    @functools.cache\n    def apply(self, x):\n        return x + 1\n"
             "class Net(torch.nn.Module):\n    @torch.no_grad()\n    def forward(self, x):\n        return x + 1\n"
             "    @functools.cached_property\n    def offset(self):\n        return 1 + 1\n"
             "    @functools.cache\n    def table(self):\n        return [1] + [1]\n")
-    versions = [module_from(tmp_path / name, "decorated", text.replace(old, new)) for name, old, new in (
-        ("a", "", ""), ("b", "x + 1", "x + 2"), ("c", "", ""))]
-    a, b, c = versions
-    for pick in (lambda m: m.f, lambda m: m.g, lambda m: m.Apply(m.f), lambda m: m.Net()):
-        assert cache.code_identity(pick(a)) != cache.code_identity(pick(b))
-        assert cache.code_identity(pick(a)) == cache.code_identity(pick(c))
+    picks = {"decorated": lambda m: m.f, "functools.cache": lambda m: m.g, "attribute": lambda m: m.Apply(m.f),
+             "module": lambda m: m.Net(), "cache under a decorator": lambda m: m.logged(m.g),
+             "partial under a decorator": lambda m: m.logged(functools.partial(m.h)),
+             "object in an object": lambda m: m.Apply(m.Apply(m.h)), "method in a closure": lambda m: m.logged(m.Helper().run),
+             "cached method": lambda m: m.Helper().apply}
+    versions = {name: module_from(tmp_path / name, "decorated", text.replace(old, new)) for name, old, new in (
+        ("a", "", ""), ("body", "x + 1", "x + 2"), ("default", "s=1", "s=2"), ("c", "", ""))}
+    for what, pick in picks.items():
+        ids = {name: cache.code_identity(pick(m)) for name, m in versions.items()}
+        assert ids["a"] != ids["body"] and ids["a"] == ids["c"], what
+    assert cache.code_identity(versions["a"].f) != cache.code_identity(versions["default"].f)
     for old, new in (("1 + 1", "1 + 2"), ("[1] + [1]", "[1] + [2]")):  # a cached property's or method's body
         changed = module_from(tmp_path / new.replace(" ", ""), "decorated", text.replace(old, new))
-        assert cache._class_source_hash(changed.Net) != cache._class_source_hash(a.Net)
-    assert [f.__name__ for f in cache._wrapped_layers(a.f)] == ["f", "f"]  # the wrapper (named f by wraps), then f
-    assert cache._wrapped_layers(a.f)[0] is not cache._wrapped_layers(a.f)[1]
+        assert cache._class_source_hash(changed.Net) != cache._class_source_hash(versions["a"].Net)
+    over_builtin = functools.wraps(abs)(lambda x: x)
+    assert cache._wrapped_layers(over_builtin) == [over_builtin]  # abs has no code to hash
+    wrapped = functools.wraps(versions["a"].h)(lambda x: x)
+    assert cache._wrapped_layers(wrapped) == [wrapped, versions["a"].h]  # outermost first
+    scaled = [versions["a"].Helper() for _ in range(2)]
+    scaled[1].factor = 3
+    assert cache.code_identity(scaled[0].apply) != cache.code_identity(scaled[1].apply)  # the object, cached or not
 
 
-def test_self_reference_is_written_once():
-    """A recursive inner function holds itself in its closure; a module may hold its own method as a setting."""
+def test_self_reference_is_written_once_and_keys_stay_small():
+    """A recursive inner function holds itself in its closure; a module may hold its own method as a setting; deep
+    nesting enters each level by its digest, so the key's text does not grow with the depth."""
     def outer(n):
         def count(k):
             return 0 if k == 0 else 1 + count(k - 1)
         return count
     assert cache.code_identity(outer(1)) == cache.code_identity(outer(2))
-    assert "(itself)" in cache._callable_text(outer(1))
+    f = outer(1)
+    assert "(itself)" in cache._callable_text(f, {id(f): (f, None)})
 
     class Own(torch.nn.Module):
         def __init__(self, scale):
@@ -445,6 +469,61 @@ def test_self_reference_is_written_once():
         def double(self, x):
             return x * self.scale
     assert cache.code_identity(Own(2)) == cache.code_identity(Own(2)) != cache.code_identity(Own(3))
+    looped = [1]
+    looped.append(looped)
+    assert cache._value_text(looped, {}) == "list[1, (itself)]"
+
+    def compose(f, g):
+        return lambda x: g(f(x))
+    chain = functools.reduce(compose, [abs] * 100)
+    assert len(cache._callable_text(chain)) < 1_000 and len(cache.code_identity(chain)) == 24
+
+    class Block(torch.nn.Module):
+        def __init__(self, depth):
+            super().__init__()
+            self.child = Block(depth - 1) if depth else None
+            self.act = self.child.forward if depth else None
+
+        def forward(self, x):
+            return x
+    assert len(cache._callable_text(Block(16))) < 10_000  # each level's method by its digest
+    deep = functools.reduce(compose, [abs] * 5000)
+    with pytest.raises(ValueError, match="too deeply.*--no-cache"):
+        cache.code_identity(deep)
+
+
+def test_keys_are_the_same_in_every_process_and_folder(tmp_path):
+    """Sets (in a constant or an object; their order follows insertion when items collide, and strings' hash seed),
+    modules held as attributes and comprehensions (a nested code object, whose repr names its file) do not make keys
+    depend on the process or on where the code lies."""
+    text = ("import torch.nn.functional as F\n"
+            "class Pick:\n    def __init__(self, names):\n        self.names, self.F = names, F\n"
+            "    def __call__(self, x):\n        return [n for n in self.names if n in {'alpha', 'delta', 1, 9}]\n")
+    here, there = (module_from(tmp_path / folder, "picking", text) for folder in ("a", "b"))
+    assert repr({1, 9}) != repr({9, 1})  # 1 and 9 collide in a small set's table: printed in insertion order
+    keys = {cache.code_identity(m.Pick(names)) for m, names in ((here, {1, 9}), (here, {9, 1}), (there, {1, 9}))}
+    assert len(keys) == 1
+    assert cache.code_identity(here.Pick.__call__) == cache.code_identity(there.Pick.__call__)
+    assert cache.code_identity(here.Pick({1, 9})) != cache.code_identity(here.Pick({1, 8}))
+    assert cache._value_text(sys.modules["torch.nn.functional"], {}) == "module torch.nn.functional"  # not its path
+    assert cache._value_text({"b": {3, 1}, "a": (2,)}, {}) == "dict['a': tuple[2], 'b': set[1, 3]]"
+
+
+def test_a_cached_property_value_is_not_state():
+    class Lazy:
+        def __init__(self, k):
+            self.k = k
+
+        @functools.cached_property
+        def square(self):
+            return self.k ** 2
+
+        def __call__(self, x):
+            return x * self.k
+    lazy = Lazy(2)
+    before = cache.code_identity(lazy)
+    assert lazy.square == 4 and "square" in vars(lazy)
+    assert cache.code_identity(lazy) == before != cache.code_identity(Lazy(3))
 
 
 def test_two_lambdas_on_one_line_or_made_by_exec_are_told_apart_by_their_bytecode():
@@ -515,7 +594,7 @@ def test_a_module_is_identified_by_its_classes_code_and_settings_not_its_weights
                for i in (0, 1)]  # the same repr ("<function Block.__init__.<locals>.<lambda>>"), other code
     assert cache.code_identity(lambdas[0]) != cache.code_identity(lambdas[1])
     assert cache.code_identity(a.train()) == cache.code_identity(a.eval())  # the mode is not a setting
-    assert cache._settings(a) == f"act={cache._callable_text(torch.relu)}" and cache._settings(a.pool).startswith(
+    assert cache._settings(a) == f"act={cache._digest(torch.relu, {})[:16]}" and cache._settings(a.pool).startswith(
         "ceil_mode=False;count_include_pad=True;divisor_override=None;kernel_size=2;")
 
 

@@ -28,6 +28,7 @@ import re
 import socket
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -205,8 +206,12 @@ def code_identity(obj) -> str:
     settings (plain attributes; not the weights); for a function or callable, its qualified name,
     source (or bytecode), constants, defaults, bound arguments and closure (a decorated function: the one it
     wraps, by its code); for a bound method, its object too; for a callable object, its state (`__dict__` and
-    slots). Changes when the code does."""
-    return hashlib.sha256(_callable_text(obj).encode()).hexdigest()[:24]
+    slots). Changes when the code does; the same in every process (no addresses, paths or hash-seed orders)."""
+    try:
+        return _digest(obj, {})[:24]
+    except RecursionError:
+        raise ValueError(f"{type(obj).__name__} nests callables too deeply to be identified for the cache; "
+                         "pass use_cache=False (or --no-cache)") from None
 
 
 def source_digest(*modules) -> str:
@@ -218,19 +223,33 @@ def source_digest(*modules) -> str:
     return h.hexdigest()[:24]
 
 
-def _module_text(model: torch.nn.Module, seen: frozenset) -> str:
+def _digest(fn, memo: dict) -> str:
+    """sha256 of the callable's text. A callable inside another enters its text by this digest, each one written
+    once per key (`memo`: id -> (object, digest); holding the object keeps its id from being reused), so the text
+    stays small however deep the nesting; one met again inside itself (a recursive inner function, a module holding
+    its own method) is "(itself)"."""
+    if id(fn) in memo:
+        return memo[id(fn)][1] or "(itself)"
+    memo[id(fn)] = (fn, None)
+    digest = hashlib.sha256(_callable_text(fn, memo).encode()).hexdigest()
+    memo[id(fn)] = (fn, digest)
+    return digest
+
+
+def _module_text(model: torch.nn.Module, memo: dict) -> str:
     """Every submodule's name, class and settings (not the weights)."""
-    return "".join(f"{name}|{_callable_text(type(module))}|{_settings(module, seen)}\n"
+    return "".join(f"{name}|{_callable_text(type(module), memo)}|{_settings(module, memo)}\n"
                    for name, module in model.named_modules())
 
 
-def _settings(module: torch.nn.Module, seen: frozenset = frozenset()) -> str:
+def _settings(module: torch.nn.Module, memo: dict | None = None) -> str:
     """The module's plain attributes (e.g. a pooling's kernel size, a wrapper's method name)."""
+    memo = {} if memo is None else memo
     items = []
     for k, v in sorted(vars(module).items()):
         if k.startswith("_") or k == "training" or isinstance(v, torch.nn.Module):
             continue
-        items.append(f"{k}={_callable_text(v, seen) if callable(v) else _plain(v)}")
+        items.append(f"{k}={_value_text(v, memo)}")
     return ";".join(items)
 
 
@@ -238,44 +257,79 @@ def _plain(value) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # no memory addresses (upper-case hex on Windows)
 
 
+def _value_text(value, memo: dict) -> str:
+    """A value inside a callable (a closure cell, an attribute, a setting, a constant): a callable by its digest (a
+    decorator's closure holds the function it wraps), a module by its name, code by its bytecode, containers item
+    by item (sets in a fixed order); anything else by its repr."""
+    if callable(value):
+        return _digest(value, memo)[:16]
+    if inspect.ismodule(value):
+        return f"module {value.__name__}"  # (its repr holds its path)
+    if inspect.iscode(value):
+        return _code_text(value, memo)
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        if id(value) in memo:
+            return "(itself)"
+        memo[id(value)] = (value, None)  # (a list holding itself)
+        if isinstance(value, dict):
+            items = sorted(f"{_value_text(k, memo)}: {_value_text(v, memo)}" for k, v in value.items())
+        else:
+            items = [_value_text(v, memo) for v in value]
+            items = sorted(items) if isinstance(value, (set, frozenset)) else items
+        del memo[id(value)]
+        return f"{type(value).__name__}[{', '.join(items)}]"
+    return _plain(value)
+
+
+def _code_text(code, memo: dict) -> str:
+    """Bytecode, names and constants; a nested function's code (a comprehension's, a lambda's) likewise, not by its
+    repr (which holds the file's path)."""
+    return f"{code.co_code.hex()}|{code.co_names}|{_value_text(code.co_consts, memo)}"
+
+
 def _state(obj) -> dict:
-    """An object's attributes: its `__dict__` and its slots (a class with `__slots__` has no `__dict__`)."""
-    state = dict(getattr(obj, "__dict__", {}))
+    """An object's attributes: its `__dict__` and its slots (a class with `__slots__` has no `__dict__`), read
+    without running its own attribute lookup; values a `functools.cached_property` stored are results, not state."""
+    try:
+        state = dict(object.__getattribute__(obj, "__dict__"))
+    except (AttributeError, TypeError):
+        state = {}
     for cls in type(obj).__mro__:
-        slots = cls.__dict__.get("__slots__", ())
-        for slot in [slots] if isinstance(slots, str) else slots:
-            stored = f"_{cls.__name__.lstrip('_')}{slot}" if slot.startswith("__") and not slot.endswith("__") else slot
-            if slot not in ("__dict__", "__weakref__") and hasattr(obj, stored):
-                state[stored] = getattr(obj, stored)
-    return state
+        for name, member in vars(cls).items():
+            if isinstance(member, types.MemberDescriptorType) and not name.endswith("__"):  # a slot (or a C member)
+                try:
+                    state[name] = member.__get__(obj, type(obj))
+                except AttributeError:  # never set
+                    continue
+    return {k: v for k, v in state.items() if not isinstance(inspect.getattr_static(type(obj), k, None),
+                                                               functools.cached_property)}
 
 
-def _value_text(value, seen: frozenset) -> str:
-    """A value inside a callable (a closure cell, an attribute): a function by its code, not only its name (a
-    decorator's closure holds the function it wraps); anything else by its repr."""
-    return _callable_text(value, seen) if inspect.isfunction(value) else _plain(value)
+def _attribute(obj, name: str, default):
+    """getattr that survives an object whose own `__getattr__` raises something else than AttributeError."""
+    try:
+        return getattr(obj, name, default)
+    except Exception:  # noqa: BLE001 -- a proxy's lookup: the default names it
+        return default
 
 
-def _callable_text(fn, seen: frozenset = frozenset()) -> str:
-    if id(fn) in seen:  # written higher up (a recursive inner function's closure, a module's method as its setting)
-        return "(itself)"
-    seen = seen | {id(fn)}
+def _callable_text(fn, memo: dict | None = None) -> str:
+    memo = {} if memo is None else memo
     if isinstance(fn, functools.partial):
-        return f"partial({_callable_text(fn.func, seen)}, {_plain(fn.args)}, {_plain(sorted(fn.keywords.items()))})"
+        return f"partial({_value_text(fn.func, memo)}, {_value_text(fn.args, memo)}, {_value_text(fn.keywords, memo)})"
     if isinstance(fn, torch.nn.Module):
-        return _module_text(fn, seen)
-    target = getattr(fn, "__func__", fn)  # a bound method: its function, and below its object's state
-    name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
+        return _module_text(fn, memo)
+    target = fn.__func__ if inspect.ismethod(fn) else fn  # a bound method: its function, and its object
+    name = f"{_attribute(target, '__module__', '')}.{_attribute(target, '__qualname__', type(target).__qualname__)}"
+    bound = f":{_digest(fn.__self__, memo)[:16]}" if inspect.ismethod(fn) else ""  # a module, a class, an object
     if inspect.isclass(target):
         return f"{name}:{_class_source_hash(target)}"
     if not inspect.isfunction(target):  # a callable object (functools.cache's wrapper too): its state, or its repr
         state = _state(target)  # (itemgetter(1) is not itemgetter(2): no state, its repr)
-        text = "{" + ", ".join(f"{k!r}: {_value_text(v, seen)}" for k, v in sorted(state.items())) + "}"
-        return f"{name}:{_class_source_hash(type(target))}:{text if state else _plain(target)}"
-    closure = [_value_text(c.cell_contents, seen) for c in (target.__closure__ or ()) if _cell_filled(c)]
-    bound = f":{_callable_text(fn.__self__, seen)}" if inspect.ismethod(fn) else ""  # its object: a module, a class, state
-    return (f"{name}:{_source_hash(target)}:{closure}:{_plain(target.__defaults__)}:{_plain(target.__kwdefaults__)}"
-            f"{bound}")
+        return f"{name}:{_class_source_hash(type(target))}:{_value_text(state, memo) if state else _plain(target)}{bound}"
+    closure = [c.cell_contents for c in (target.__closure__ or ()) if _cell_filled(c)]
+    return (f"{name}:{_source_hash(target)}:{_value_text(closure, memo)}:{_value_text(target.__defaults__, memo)}:"
+            f"{_value_text(target.__kwdefaults__, memo)}{bound}")
 
 
 def _cell_filled(cell) -> bool:
@@ -322,7 +376,7 @@ def _class_source_hash(cls: type) -> str:
             member = member.func if isinstance(member, functools.cached_property) else member
             member = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
             if inspect.isfunction(member) or hasattr(member, "__wrapped__"):  # a method, decorated or not
-                h.update(f"{name}:{[_source_hash(f) for f in _wrapped_layers(member)]}".encode())
+                h.update(f"{name}:{':'.join(_source_hash(f) for f in _wrapped_layers(member))}".encode())
             elif name.startswith("__"):
                 continue
             elif inspect.isclass(member):
@@ -354,7 +408,7 @@ def _source_hash(fn) -> str:
         text = _plain(repr(fn))
     code = getattr(fn, "__code__", None)
     if code is not None:
-        text += f"|{code.co_code.hex()}|{code.co_names}|{_plain(code.co_consts)}"
+        text += f"|{_code_text(code, {})}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
