@@ -21,6 +21,24 @@ def _session_cache(tmp_path_factory):
         os.environ["CLASSFILTERS_CACHE"] = old
 
 
+class _NoExitOs:
+    """The os module, except that `_exit` raises: `cli.main` ends a torchrun rank with os._exit, and a test that
+    reached it by mistake would end pytest there with the command's code (0 would read as a pass)."""
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def _exit(self, code):
+        raise AssertionError(f"the command line called os._exit({code}) in a test")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_exit_from_the_cli():
+    from classfilters import cli
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "os", _NoExitOs())
+        yield
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_by_default():
     """The library's default device is the GPU (bf16) where there is one; the tests' tolerances are
