@@ -393,6 +393,9 @@ def test_slots_are_state(tmp_path):
     sub.extra, sub.note = 7, "n"
     assert cache._state(sub) == {"k": 2, "_S__secret": 0, "extra": 7, "note": "n"}
     assert cache._state(m.Sub(2)) == {"k": 2, "_S__secret": 0}  # a slot never set is not state
+    half = object.__new__(m.S)
+    m.S._S__secret.__set__(half, 5)  # the first slot unset, the second set: still read
+    assert cache._state(half) == {"_S__secret": 5}
     assert cache.code_identity(m._(1)) != cache.code_identity(m._(2))  # "_" mangles nothing
     hidden = [object.__new__(m.Hidden) for _ in range(2)]
     for h, k in zip(hidden, (1, 99)):
@@ -445,6 +448,14 @@ def test_a_decorated_function_is_identified_by_the_function_it_wraps(tmp_path):
     assert cache._wrapped_layers(over_builtin) == [over_builtin]  # abs has no code to hash
     wrapped = functools.wraps(versions["a"].h)(lambda x: x)
     assert cache._wrapped_layers(wrapped) == [wrapped, versions["a"].h]  # outermost first
+
+    def one():
+        pass
+
+    def two():
+        pass
+    one.__wrapped__, two.__wrapped__ = two, one  # a cycle ends where it began
+    assert cache._wrapped_layers(one) == [one, two]
     scaled = [versions["a"].Helper() for _ in range(2)]
     scaled[1].factor = 3
     assert cache.code_identity(scaled[0].apply) != cache.code_identity(scaled[1].apply)  # the object, cached or not

@@ -183,6 +183,8 @@ def test_dataset_specs(tmp_path, monkeypatch):
 
 
 def test_device_names(monkeypatch):
+    import types
+
     import torch
 
     from classfilters.cli import _device_errors
@@ -198,6 +200,12 @@ def test_device_names(monkeypatch):
     monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
     assert _device_errors("xpu:0") == []
     monkeypatch.setattr(torch.mps, "is_available", lambda: False)
+    assert _device_errors("mps") == ["--device mps: no mps device is available here"]
+    assert _device_errors("meta") == ["--device meta: no meta device is available here"]  # no backend at all
+    monkeypatch.delattr(torch, "mps")  # a backend found under torch.backends only
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert _device_errors("mps") == []
+    monkeypatch.setattr(torch.backends, "mps", types.SimpleNamespace())  # a backend that cannot say: not available
     assert _device_errors("mps") == ["--device mps: no mps device is available here"]
 
 
