@@ -374,6 +374,24 @@ def test_a_bound_method_is_identified_by_its_function_and_its_object(tmp_path):
     assert cache._callable_text(str.upper).startswith(".str.upper:")
 
 
+def test_a_callable_met_again_enters_by_its_digest_and_a_bound_function_by_its_code(tmp_path):
+    """Only a callable met inside itself is "(itself)": one mentioned twice is its digest both times (a closure of
+    f, g, f is not one of f, g, g); a function bound to an object by hand is identified by its code, not by the
+    repr of the bound method (its name)."""
+    import types
+    f, g = (module_from(tmp_path / n, "parts", f"def part(x):\n    return x + {n[-1]}\n").part for n in ("f1", "g2"))
+
+    def make(a, b, c):
+        return lambda x: c(b(a(x)))
+    assert cache.code_identity(make(f, g, f)) != cache.code_identity(make(f, g, g))
+
+    class Holder:
+        pass
+    holder = Holder()
+    bound = [types.MethodType(h, holder) for h in (f, g)]  # same name, module and object; other code
+    assert cache.code_identity(bound[0]) != cache.code_identity(bound[1])
+
+
 def test_slots_are_state(tmp_path):
     """A callable object with `__slots__` has no `__dict__`: its slots (private ones under their stored name) are
     its state, read without the object's own attribute lookup."""
