@@ -538,6 +538,7 @@ def test_keys_are_the_same_in_every_process_and_folder(tmp_path):
     assert cache.code_identity(here.Pick({1, 9})) != cache.code_identity(here.Pick({1, 8}))
     assert cache._value_text(sys.modules["torch.nn.functional"], {}) == "module torch.nn.functional"  # not its path
     assert cache._value_text({"b": {3, 1}, "a": (2,)}, {}) == "dict['a': tuple[2], 'b': set[1, 3]]"
+    assert cache._value_text({("x", 1): 0}, {}) == "dict[tuple['x', 1]: 0]"  # a key that is itself a container
 
 
 def test_a_cached_property_value_is_not_state():
