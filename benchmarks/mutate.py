@@ -180,6 +180,14 @@ def save(record: dict) -> None:
         "`benchmarks/mutation_equivalent.json`)\n\n" + table(record))
 
 
+def save_modules(modules: dict[str, dict]) -> None:
+    """These modules' records into results/mutation.json as it is now: a recheck or review of one module running
+    beside another's must not write back the other's record as it was when it started."""
+    current = json.loads((RESULTS / "mutation.json").read_text())
+    current["modules"].update(modules)
+    save(current)
+
+
 def check_recorded(scratch: Path, found: dict[str, str], recorded: dict, module: str) -> None:
     """Refuse a kept run whose survivors of `module` are not the recorded ones (another run, or code since)."""
     if summarise(found, [module])[module]["survivors"] != recorded["survivors"]:
@@ -273,7 +281,7 @@ def main(argv=None) -> int:
             record["modules"][module] = review({**record["modules"][module], **r}, diffs, equivalent)
             print(f"{module}: killed since {len(r['killed_since'])}, still surviving {len(r['still_surviving'])}, "
                   f"score with them {r['score_with_recheck']}")
-        save(record)
+        save_modules({m: record["modules"][m] for m in modules})
         return 0
     if args.review:
         equivalent = reviewed_equivalents()
@@ -283,7 +291,7 @@ def main(argv=None) -> int:
             record["modules"][module] = r = review(mine, diffs, equivalent)
             print(f"{module}: {len(r['equivalent'])} equivalent, {len(r['unexplained'])} unexplained, "
                   f"score without equivalent {r['score_without_equivalent']}")
-        save(record)
+        save_modules({m: record["modules"][m] for m in modules})
         return 0
     if scratch.exists() and any(scratch.iterdir()) and not (scratch / "mutants").is_dir():
         raise SystemExit(f"{scratch} exists and is not an earlier mutation run: choose an empty folder")

@@ -101,3 +101,17 @@ def test_every_function_of_the_mutated_modules_is_mutated_but_the_few_named():
         decorated = sorted(f.name for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                            and [ast.unparse(d) for d in f.decorator_list] not in ([], ["staticmethod"], ["classmethod"]))
         assert decorated == sorted(mutate.NOT_MUTATED.get(module, [])), module
+
+
+def test_a_recheck_writes_only_its_own_modules(tmp_path, monkeypatch):
+    """Two rechecks running side by side: the one that ends last must not write back the other's module as it read
+    it when it started."""
+    import json
+    mutate = load()
+    monkeypatch.setattr(mutate, "RESULTS", tmp_path)
+    monkeypatch.setattr(mutate, "table", lambda record: "table\n")
+    started_with = {"tool": "mutmut 3", "modules": {"a": {"v": 0}, "b": {"v": 0}}}
+    (tmp_path / "mutation.json").write_text(json.dumps(started_with))
+    mutate.save_modules({"a": {"v": 1}})  # the first recheck ends
+    mutate.save_modules({"b": {"v": 2}})  # the second, which read {"a": 0} when it began
+    assert json.loads((tmp_path / "mutation.json").read_text())["modules"] == {"a": {"v": 1}, "b": {"v": 2}}
