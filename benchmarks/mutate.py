@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -217,16 +218,22 @@ def recheck(scratch: Path, modules: list[str], found: dict[str, str], env: dict,
         names = sorted(n for n, s in found.items()
                        if n.startswith(f"classfilters.{module}.") and s == "survived" and n not in skip)
         selection = [f"tests/{t}" for t in MODULES[module]]
+        started = time.monotonic()
         clean = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
                                cwd=scratch / "mutants", capture_output=True, text=True, check=False,
                                env={**env, "PYTHONPATH": "src"})
         if clean.returncode != 0:  # else every mutant would be "killed" by a test that fails anyway
             raise SystemExit(f"{module}: its tests fail without a mutant; fix them first:\n{clean.stdout[-2000:]}")
+        limit = 60 + 5 * (time.monotonic() - started)  # past it, a timeout: killed, as mutmut counts them
         killed = []
         for name in names:
-            run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
-                                 cwd=scratch / "mutants", capture_output=True, check=False,
-                                 env={**env, "PYTHONPATH": "src", "MUTANT_UNDER_TEST": name})
+            try:
+                run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                      *selection], cwd=scratch / "mutants", capture_output=True, check=False,
+                                     env={**env, "PYTHONPATH": "src", "MUTANT_UNDER_TEST": name}, timeout=limit)
+            except subprocess.TimeoutExpired:  # (an endless loop: a cycle walked forever)
+                killed.append(name)
+                continue
             if run.returncode != 0:
                 killed.append(name)
         before = summarise(found, [module])[module]
