@@ -6,6 +6,65 @@ import sys
 from classfilters import InfluentialFeatures
 from classfilters.cli import main
 
+# The fast checks first (a mutation run stops at the first failure)
+
+def test_an_image_folder_is_read_at_the_size_and_standardised_as_the_weights_expect(tmp_path, monkeypatch, capsys):
+    """Weights name their preprocessing (input size, mean, std): the image folder is decoded at that size and both
+    splits are standardised with that mean and std, not the folder defaults (256 -> 224, the dataset's own)."""
+    from test_security import CLASSES, jpeg_tree
+
+    from classfilters import cli
+    real_build, real_extract, seen = cli.build_model, cli.extract_features, []
+
+    def build(name, checkpoint=None, **kw):  # a small model that names its preprocessing, as pretrained weights do
+        model = real_build("resnet8", num_classes=kw["num_classes"], in_channels=kw["in_channels"])
+        model.input_size, model.mean, model.std = (36, 32, "bilinear"), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
+        return model
+
+    def extract(model, split, **kw):
+        seen.append((tuple(split.dataset[0][0].shape), split.mean, split.std))
+        return real_extract(model, split, **kw)
+    monkeypatch.setattr(cli, "build_model", build)
+    monkeypatch.setattr(cli, "extract_features", extract)
+    root = jpeg_tree(tmp_path / "tree", {"train": CLASSES, "val": CLASSES})
+    assert main(["--model", "resnet18", "--pretrained", "--dataset", f"imagefolder:{root}", "--device", "cpu",
+                 "--k", "2", "--k-prime", "2", "--out", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    assert seen == [((3, 32, 32), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))] * 2
+
+
+def test_a_class_without_training_images_is_said_not_dropped(monkeypatch, capsys):
+    """Algorithm 1 is told the dataset's number of classes: a class whose training images are all gone (here the
+    last digit) is an error that names it, not a result with one class fewer."""
+    import dataclasses
+
+    from classfilters import build_model, cli
+    real_open = cli.open_dataset
+
+    def open_dataset(spec, split="train", size=None):
+        s = real_open(spec, split, size)
+        keep = s.labels != 9 if split == "train" else slice(None)
+        return dataclasses.replace(s, images=s.images[keep], labels=s.labels[keep], fingerprint=f"{s.fingerprint}-{split}")
+    monkeypatch.setattr(cli, "open_dataset", open_dataset)
+    monkeypatch.setattr(cli, "trained_model", lambda name, split, recipe, device=None: build_model(
+        "resnet8", num_classes=10, in_channels=split.images.shape[1]))
+    assert main(["--model", "resnet8", "--dataset", "digits", "--no-cache", "--device", "cpu"]) == 1
+    assert "classes [9] have no training images" in capsys.readouterr().err
+
+
+def test_the_json_holds_one_value_a_line_and_the_runs_seconds_to_a_tenth(tmp_path, monkeypatch):
+    """The seconds are the whole run's, from the arguments checked to the result (a clock that reads 1000.0 then
+    1012.34 gives 12.3); the JSON is indented (one value a line: two runs' files compare line by line)."""
+    from types import SimpleNamespace
+
+    from classfilters import cli
+    clock = iter([1000.0, 1012.34])
+    monkeypatch.setattr(cli, "time", SimpleNamespace(time=lambda: next(clock)))
+    out = tmp_path / "r.json"
+    assert main([*checkpoint_file(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert json.loads(text)["seconds"] == 12.3
+    assert text == json.dumps(json.loads(text), indent=1)
+
 
 def test_cli_on_digits(tmp_path):
     out = tmp_path / "digits.json"
@@ -388,61 +447,3 @@ def test_the_json_goes_into_new_folders_and_k_prime_is_checked_against_d(tmp_pat
     assert main([*checkpoint_file(tmp_path), "--k-prime", "65"]) == 1
     assert capsys.readouterr().err == ("python -m classfilters: error: --k-prime=65 is out of range: a count must lie "
                                        "between 1 and D=64 (or give a fraction of mass in (0, 1], e.g. 0.9)\n")
-
-
-def test_an_image_folder_is_read_at_the_size_and_standardised_as_the_weights_expect(tmp_path, monkeypatch, capsys):
-    """Weights name their preprocessing (input size, mean, std): the image folder is decoded at that size and both
-    splits are standardised with that mean and std, not the folder defaults (256 -> 224, the dataset's own)."""
-    from test_security import CLASSES, jpeg_tree
-
-    from classfilters import cli
-    real_build, real_extract, seen = cli.build_model, cli.extract_features, []
-
-    def build(name, checkpoint=None, **kw):  # a small model that names its preprocessing, as pretrained weights do
-        model = real_build("resnet8", num_classes=kw["num_classes"], in_channels=kw["in_channels"])
-        model.input_size, model.mean, model.std = (36, 32, "bilinear"), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
-        return model
-
-    def extract(model, split, **kw):
-        seen.append((tuple(split.dataset[0][0].shape), split.mean, split.std))
-        return real_extract(model, split, **kw)
-    monkeypatch.setattr(cli, "build_model", build)
-    monkeypatch.setattr(cli, "extract_features", extract)
-    root = jpeg_tree(tmp_path / "tree", {"train": CLASSES, "val": CLASSES})
-    assert main(["--model", "resnet18", "--pretrained", "--dataset", f"imagefolder:{root}", "--device", "cpu",
-                 "--k", "2", "--k-prime", "2", "--out", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
-    assert seen == [((3, 32, 32), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))] * 2
-
-
-def test_a_class_without_training_images_is_said_not_dropped(monkeypatch, capsys):
-    """Algorithm 1 is told the dataset's number of classes: a class whose training images are all gone (here the
-    last digit) is an error that names it, not a result with one class fewer."""
-    import dataclasses
-
-    from classfilters import build_model, cli
-    real_open = cli.open_dataset
-
-    def open_dataset(spec, split="train", size=None):
-        s = real_open(spec, split, size)
-        keep = s.labels != 9 if split == "train" else slice(None)
-        return dataclasses.replace(s, images=s.images[keep], labels=s.labels[keep], fingerprint=f"{s.fingerprint}-{split}")
-    monkeypatch.setattr(cli, "open_dataset", open_dataset)
-    monkeypatch.setattr(cli, "trained_model", lambda name, split, recipe, device=None: build_model(
-        "resnet8", num_classes=10, in_channels=split.images.shape[1]))
-    assert main(["--model", "resnet8", "--dataset", "digits", "--no-cache", "--device", "cpu"]) == 1
-    assert "classes [9] have no training images" in capsys.readouterr().err
-
-
-def test_the_json_holds_one_value_a_line_and_the_runs_seconds_to_a_tenth(tmp_path, monkeypatch):
-    """The seconds are the whole run's, from the arguments checked to the result (a clock that reads 1000.0 then
-    1012.34 gives 12.3); the JSON is indented (one value a line: two runs' files compare line by line)."""
-    from types import SimpleNamespace
-
-    from classfilters import cli
-    clock = iter([1000.0, 1012.34])
-    monkeypatch.setattr(cli, "time", SimpleNamespace(time=lambda: next(clock)))
-    out = tmp_path / "r.json"
-    assert main([*checkpoint_file(tmp_path), "--out", str(out)]) == 0
-    text = out.read_text()
-    assert json.loads(text)["seconds"] == 12.3
-    assert text == json.dumps(json.loads(text), indent=1)
