@@ -507,3 +507,16 @@ def test_csg_trains_in_bf16_when_the_recipe_says_so():
         recipe = Recipe(epochs=1, batch_size=16, lr=0.05, crop_padding=0, flip=False, precision=precision)
         trained[precision] = csg.train_csg(model, split, recipe, lam=0.01, device="cpu").model.head.weight
     assert not torch.allclose(trained["bf16"], trained["fp32"], atol=1e-6)
+
+
+def test_the_gated_product_is_taken_in_the_features_dtype():
+    """Under bf16 autocast the backbone hands the head bf16 features while the gates are float32 parameters: the
+    gates are cast to the features' dtype, so the gated features stay bf16 (not promoted to float32) and equal the
+    product of the bf16-rounded gates."""
+    phi = torch.tensor([[1.5, -2.0, 3.0], [0.25, 4.0, -1.0]], dtype=torch.bfloat16)
+    gates = torch.tensor([[0.3, 0.9], [1.0, 0.1], [0.7, 0.55]])     # (D=3, C=2), float32
+    labels = torch.tensor([1, 0])
+    gated = csg.gate(phi, gates, labels)
+    assert gated.dtype == torch.bfloat16
+    assert torch.equal(gated, phi * gates[:, labels].T.bfloat16())
+    assert csg.gate(phi, gates, None) is phi

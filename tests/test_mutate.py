@@ -93,14 +93,18 @@ def test_the_committed_table_is_made_from_the_record():
 
 def test_every_function_of_the_mutated_modules_is_mutated_but_the_few_named():
     """mutmut 3 skips decorated functions silently (a `@torch.no_grad()` once hid `noise_ablation`, `class_maps`,
-    `evaluate`, `grid_accuracy` and `softmax_table` from it): only those in NOT_MUTATED may carry a decorator."""
+    `evaluate`, `grid_accuracy` and `softmax_table` from it), and those whose header says `pragma: no mutate
+    block`: only those in NOT_MUTATED may do either."""
     mutate = load()
     lib = BENCH.parent / "lib" / "classfilters"
     for module in mutate.MODULES:
-        tree = ast.parse((lib / f"{module}.py").read_text())
-        decorated = sorted(f.name for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                           and [ast.unparse(d) for d in f.decorator_list] not in ([], ["staticmethod"], ["classmethod"]))
-        assert decorated == sorted(mutate.NOT_MUTATED.get(module, [])), module
+        text = (lib / f"{module}.py").read_text()
+        lines, tree = text.splitlines(), ast.parse(text)
+        functions = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        skipped = sorted(f.name for f in functions
+                         if [ast.unparse(d) for d in f.decorator_list] not in ([], ["staticmethod"], ["classmethod"])
+                         or any("pragma: no mutate block" in line for line in lines[f.lineno - 1:f.body[0].lineno - 1]))
+        assert skipped == sorted(mutate.NOT_MUTATED.get(module, [])), module
 
 
 def test_a_recheck_writes_only_its_own_modules(tmp_path, monkeypatch):

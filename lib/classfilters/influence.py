@@ -168,17 +168,17 @@ def warn_zero_rows(zero_rows: int, n: int, what: str) -> None:
                       stacklevel=_stacklevel_outside_package())  # pragma: no mutate
 
 
-def _stacklevel_outside_package() -> int:
+def _stacklevel_outside_package() -> int:  # pragma: no mutate block
     """The `stacklevel` that points a warning raised by our caller at the first frame outside this package (the
-    user's call, whether it reached us through `influential_features` or `class_histograms`). Not mutated
-    (`pragma: no mutate`): under mutmut its trampolines are frames outside the package, so the test of the
-    warning's location runs outside mutmut only."""
-    package = os.path.dirname(os.path.abspath(__file__))  # pragma: no mutate
-    frame, level = sys._getframe(1), 1  # pragma: no mutate
-    while (frame is not None and not frame.f_code.co_filename.startswith("<")  # pragma: no mutate
-           and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package):  # pragma: no mutate
-        frame, level = frame.f_back, level + 1  # pragma: no mutate
-    return level  # pragma: no mutate
+    user's call, whether it reached us through `influential_features` or `class_histograms`). Not mutated, as a
+    whole (`pragma: no mutate block`): under mutmut its trampolines are frames outside the package, so the test
+    of the warning's location runs outside mutmut only."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while (frame is not None and not frame.f_code.co_filename.startswith("<")
+           and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def select_indices(histograms: torch.Tensor, k_prime: Size) -> list[list[int]]:
