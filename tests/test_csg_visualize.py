@@ -520,3 +520,24 @@ def test_the_gated_product_is_taken_in_the_features_dtype():
     assert gated.dtype == torch.bfloat16
     assert torch.equal(gated, phi * gates[:, labels].T.bfloat16())
     assert csg.gate(phi, gates, None) is phi
+
+
+def test_csg_augments_as_the_recipe_says():
+    """CSG's crops and flips follow the recipe: on images 8 high and 16 wide, no crop_padding pads by the width's
+    eighth (the same training as crop_padding=2, not 1), and flip=False trains otherwise than flip=True."""
+    gen = torch.Generator().manual_seed(0)
+    split = ImageSplit(torch.arange(2).repeat(16), ["a", "b"], "wide", "wide-csg-v1",
+                       images=torch.randint(0, 256, (32, 3, 8, 16), generator=gen, dtype=torch.uint8),
+                       mean=(0.5,) * 3, std=(0.25,) * 3)
+    torch.manual_seed(0)
+    model = FeatureModel(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU()), nn.Linear(6, 2), name="wide")
+
+    def trained(padding, flip):
+        recipe = Recipe(epochs=1, batch_size=16, lr=0.05, crop_padding=padding, flip=flip, precision="fp32")
+        gated = csg.train_csg(model, split, recipe, lam=0.01, device="cpu")
+        return torch.cat([p.detach().flatten() for p in gated.parameters()])
+
+    default = trained(None, True)
+    assert torch.equal(default, trained(2, True))
+    assert not torch.allclose(default, trained(1, True), atol=1e-6)
+    assert not torch.allclose(default, trained(None, False), atol=1e-6)
