@@ -10,6 +10,7 @@ tests that reach it. A mutant the tests still pass ("survived") is a bug they wo
     python benchmarks/mutate.py --keep /tmp/mut        # keep the scratch copy (then `mutmut browse` there)
     python benchmarks/mutate.py --keep /tmp/mut --recheck   # that run's survivors against the tests as they are now
     python benchmarks/mutate.py --keep /tmp/mut --review    # that run's survivors against the reviewed equivalents
+    python benchmarks/mutate.py --status               # is each module's record current? (no mutants run)
 
 Writes `benchmarks/results/mutation.json`: per module the mutants killed, survived, timed out and
 not covered, the score (killed / (killed + survived + no tests)), the surviving mutants' names, and
@@ -246,6 +247,30 @@ def recheck(scratch: Path, modules: list[str], found: dict[str, str], env: dict,
     return out
 
 
+def stale(record: dict, repo: Path = REPO) -> dict[str, list[str]]:
+    """Per module, the commits that changed its source since the commit its record measured (none: current). A
+    record whose commit git does not know counts as stale, with the commit named."""
+    out = {}
+    for module, r in record["modules"].items():
+        run = subprocess.run(["git", "log", "--format=%h", f"{r['commit']}..HEAD", "--",
+                              f"lib/classfilters/{module}.py"], cwd=repo, capture_output=True, text=True, check=False)
+        changed = run.stdout.split() if run.returncode == 0 else [f"{r['commit']} (unknown to git)"]
+        if changed:
+            out[module] = changed
+    return out
+
+
+def status(record: dict, repo: Path = REPO) -> tuple[str, bool]:
+    """A line per module (current or changed since by which commits, unexplained survivors), and whether every
+    record is current with no unexplained survivor (what an issue touching these modules needs to be resolved)."""
+    changed, lines = stale(record, repo), []
+    for module, r in sorted(record["modules"].items()):
+        unexplained = len(r.get("unexplained", ()))
+        state = f"changed since by {', '.join(changed[module])}" if module in changed else "current"
+        lines.append(f"{module}: measured at {r['commit']}, {state}; {unexplained} unexplained survivor(s)")
+    return "\n".join(lines), not changed and all(not r.get("unexplained") for r in record["modules"].values())
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -265,7 +290,14 @@ def main(argv=None) -> int:
                    help="with --keep of an earlier run: run its survivors against the current tests (no new mutants)")
     p.add_argument("--review", action="store_true",
                    help="with --keep of the run recorded: sort its survivors by mutation_equivalent.json (no new mutants)")
+    p.add_argument("--status", action="store_true",
+                   help="say whether each module's record is current (its source unchanged since) and fully "
+                        "explained; exit 1 if not (no mutants run)")
     args = p.parse_args(argv)
+    if args.status:
+        text, ok = status(json.loads((RESULTS / "mutation.json").read_text()))
+        print(text)
+        return 0 if ok else 1
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="classfilters-mutate-"))
     env = {**os.environ, "CLASSFILTERS_SHARED_DATA": os.environ.get("CLASSFILTERS_SHARED_DATA",
                                                                      str(REPO.parent / "shared" / "data"))}

@@ -1,8 +1,13 @@
 """benchmarks/mutate.py (`make mutate`): the staged project and the score, without running mutmut."""
 import ast
 import importlib.util
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -119,3 +124,50 @@ def test_a_recheck_writes_only_its_own_modules(tmp_path, monkeypatch):
     mutate.save_modules({"a": {"v": 1}})  # the first recheck ends
     mutate.save_modules({"b": {"v": 2}})  # the second, which read {"a": 0} when it began
     assert json.loads((tmp_path / "mutation.json").read_text())["modules"] == {"a": {"v": 1}, "b": {"v": 2}}
+
+
+def test_status_names_the_records_whose_module_changed_since(tmp_path, monkeypatch):
+    """--status: a record is current while its module's source is unchanged since the commit it measured; a commit
+    touching the module (not another file) makes it stale, named; unexplained survivors fail it too."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    mutate = load()
+    for name in ("GIT_DIR", "GIT_INDEX_FILE", "GIT_WORK_TREE"):  # as when the tests run from a git hook
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+
+    def git(*args):
+        env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t"}
+        return subprocess.run(["git", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    lib = tmp_path / "lib" / "classfilters"
+    lib.mkdir(parents=True)
+    (lib / "overlap.py").write_text("x = 1\n")
+    (lib / "csg.py").write_text("y = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    measured = git("rev-parse", "--short", "HEAD")
+    record = {"modules": {m: {"commit": measured, "unexplained": []} for m in ("overlap", "csg")}}
+    assert mutate.stale(record, tmp_path) == {}
+    assert mutate.status(record, tmp_path) == ((f"csg: measured at {measured}, current; 0 unexplained survivor(s)\n"
+                                                f"overlap: measured at {measured}, current; 0 unexplained survivor(s)"),
+                                               True)
+    (lib / "overlap.py").write_text("x = 2\n")
+    (tmp_path / "README.md").write_text("other\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "two")
+    changed = git("rev-parse", "--short", "HEAD")
+    assert mutate.stale(record, tmp_path) == {"overlap": [changed]}
+    text, ok = mutate.status(record, tmp_path)
+    assert not ok and f"overlap: measured at {measured}, changed since by {changed};" in text
+    record["modules"]["overlap"]["commit"] = changed
+    assert mutate.status(record, tmp_path)[1]
+    record["modules"]["csg"]["unexplained"] = ["classfilters.csg.x_gate__mutmut_5"]
+    text, ok = mutate.status(record, tmp_path)
+    assert not ok and "csg: measured at" in text and "; 1 unexplained survivor(s)" in text
+    record["modules"]["csg"]["commit"] = "0000000"
+    assert mutate.stale(record, tmp_path) == {"csg": ["0000000 (unknown to git)"]}
