@@ -392,19 +392,22 @@ def test_class_maps_are_the_chosen_channels_means_upsampled_and_scaled_to_0_1():
     model = FeatureModel(body, nn.Linear(12, 10)).eval()
     index = torch.tensor([0, 5, 9])
     images, labels = visualize.fetch_images(test, index), test.labels[index]
-    influence = InfluentialFeatures([[c, c + 1] for c in range(10)], torch.zeros(10, 12, dtype=torch.int64), 2, 2)
-    maps, raw = visualize.class_maps(model, test, images, labels, influence, seed=4)
     with torch.no_grad():
         channel_maps = body(test.normalize(images)).float()
-    outside = non_influential_mask(influence, 4)
-    for n, y in enumerate(labels.tolist()):
-        assert outside[y].sum() == 2 and not (outside[y] & influence.mask[y]).any()
-        for m, chosen in enumerate((torch.ones(12, dtype=torch.bool), outside[y], influence.mask[y])):
-            mean = channel_maps[n, chosen].mean(0)
-            assert torch.allclose(raw[n, m], mean.mean(), atol=1e-6)
-            up = nn.functional.interpolate(mean[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
-            expected = (up - up.min()) / (up.max() - up.min())
-            assert torch.allclose(maps[n, m], expected, atol=1e-5), (n, m)
+    for size in (1, 2):  # one channel per set: its own mean, not halved
+        sets = [list(range(c, c + size)) for c in range(10)]
+        influence = InfluentialFeatures(sets, torch.zeros(10, 12, dtype=torch.int64), size, size)
+        maps, raw = visualize.class_maps(model, test, images, labels, influence, seed=4)
+        outside = non_influential_mask(influence, 4)
+        for n, y in enumerate(labels.tolist()):
+            assert outside[y].sum() == size and not (outside[y] & influence.mask[y]).any()
+            for m, chosen in enumerate((torch.ones(12, dtype=torch.bool), outside[y], influence.mask[y])):
+                mean = channel_maps[n, chosen].mean(0)
+                assert torch.allclose(raw[n, m], mean.mean(), atol=1e-6), (size, n, m)
+                up = nn.functional.interpolate(mean[None, None], size=(8, 8), mode="bilinear",
+                                               align_corners=False)[0, 0]
+                expected = (up - up.min()) / (up.max() - up.min())
+                assert torch.allclose(maps[n, m], expected, atol=1e-5), (size, n, m)
 
 
 def test_tied_gates_go_to_the_lower_features_in_wide_rows():

@@ -231,6 +231,15 @@ def test_the_mask_lives_on_the_heads_device():
     assert head(torch.empty(4, 3, device="meta")).device.type == "meta"
 
 
+def test_evaluate_reports_both_layers_costs():
+    """The full layer costs D x C multiply-adds per image (32 x 6), the decomposed one the sum of its set sizes."""
+    features, labels = planted()
+    influence = influential_features(features, labels, 0.5, 0.6)
+    result = evaluate(random_head(32, 6), influence, features, labels)
+    assert result["multiply_adds_full"] == 192
+    assert result["multiply_adds_decomposed"] == sum(len(i) for i in influence.indices) < 192
+
+
 def test_evaluate_scores_a_float32_copy_and_leaves_the_models_head_alone():
     """A float64 head is scored as a float32 copy (the features' dtype): the model's own head keeps its dtype
     and weights, and the result equals that of the same head made in float32."""
