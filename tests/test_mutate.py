@@ -82,6 +82,8 @@ def test_the_reviewed_equivalents_are_well_formed_and_the_record_agrees_with_the
         assert r["unexplained"] == sorted(set(r["survivors"]) - explained), module
         stale = set(r["unexplained"]) & set(listed.get(module, {}))
         assert not stale, f"{module}: listed as equivalent but not matched (edited since?): review again {stale}"
+        gone = set(listed.get(module, {})) - set(r["survivors"])
+        assert not gone, f"{module}: listed as equivalent but no longer a survivor (killed or renumbered): {gone}"
 
 
 def test_the_committed_table_is_made_from_the_record():
