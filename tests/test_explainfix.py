@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_shared_checkpoint_guides_a_cifar_resnet20(shared_data):
     model = fix_spatial_filters(build_model("resnet20"), "GuidedSteer", source=source)
     src = spatial_convs(source)[5][1].weight.reshape(-1, 9)
     new = spatial_convs(model)[5][1].weight.reshape(-1, 9)
-    assert torch.allclose(new.mean(0), src.mean(0), atol=3 * float(src.std(0).max()) / math.sqrt(len(src)) + 0.02)
+    assert torch.allclose(new.mean(0), src.mean(0), atol=3 * float(src.std(0).max().detach()) / math.sqrt(len(src)) + 0.02)
 
 
 def test_training_leaves_fixed_filters_bit_identical(digits):
@@ -337,7 +338,9 @@ def test_class_subset_model_exports_and_loads_back(digits_model, digits, tmp_pat
     assert report["params_small"] < report["params_full"] and report["macs_small"] < report["macs_full"]
     assert report["features_after"] >= len(report["protected_features"])
     assert 0.5 < report["acc_full"] <= 1 and 0 <= report["acc_finetuned"] <= 1
-    paths = export_subset_model(small, tmp_path, train, "resnet8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.export.save warns of weights it cannot store whole (channels_last)
+        paths = export_subset_model(small, tmp_path, train, "resnet8")
     images = test.images[:10].float() / 255
     with torch.no_grad():
         expected = small(test.normalize(test.images[:10]))

@@ -201,7 +201,9 @@ def export_subset_model(model: FeatureModel, folder: str | Path, split: ImageSpl
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).cpu().eval()
+    # contiguous weights: a trained model's are channels_last, which torch.export.save stores as partial views
+    # of their storage ("No complete tensor found in the group")
+    model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
     wrapped = Standardized(model, split.mean, split.std).eval()
     example = split.images[:2].float() / 255
     batch = torch.export.Dim("batch", min=1)
