@@ -248,15 +248,24 @@ def recheck(scratch: Path, modules: list[str], found: dict[str, str], env: dict,
 
 
 def stale(record: dict, repo: Path = REPO) -> dict[str, list[str]]:
-    """Per module, the commits that changed its source since the commit its record measured (none: current). A
-    record whose commit git does not know counts as stale, with the commit named."""
+    """Per module whose source (as it is now in the working tree) differs from the commit its record measured:
+    what changed it, the commits since that commit, "uncommitted changes", or why no commit can be named (the
+    measured commit is not in HEAD's history, or git does not know it). Modules left out are current."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
+
     out = {}
     for module, r in record["modules"].items():
-        run = subprocess.run(["git", "log", "--format=%h", f"{r['commit']}..HEAD", "--",
-                              f"lib/classfilters/{module}.py"], cwd=repo, capture_output=True, text=True, check=False)
-        changed = run.stdout.split() if run.returncode == 0 else [f"{r['commit']} (unknown to git)"]
-        if changed:
-            out[module] = changed
+        path, measured = f"lib/classfilters/{module}.py", r["commit"]
+        if git("cat-file", "-e", f"{measured}^{{commit}}").returncode != 0:
+            out[module] = [f"{measured} (unknown to git)"]
+            continue
+        if git("diff", "--quiet", measured, "--", path).returncode == 0:
+            continue  # the file as it is now is the file measured
+        why = git("log", "--format=%h", f"{measured}..HEAD", "--", path).stdout.split()
+        if git("diff", "--quiet", "HEAD", "--", path).returncode != 0:
+            why.append("uncommitted changes")
+        out[module] = why or [f"{measured} (not in HEAD's history)"]
     return out
 
 

@@ -173,3 +173,16 @@ def test_status_names_the_records_whose_module_changed_since(tmp_path, monkeypat
     assert not ok and "csg: measured at" in text and "; 1 unexplained survivor(s)" in text
     record["modules"]["csg"]["commit"] = "0000000"
     assert mutate.stale(record, tmp_path) == {"csg": ["0000000 (unknown to git)"]}
+    record["modules"]["csg"]["commit"] = measured
+    (lib / "overlap.py").write_text("x = 3\n")                      # edited, not committed
+    assert mutate.stale(record, tmp_path) == {"overlap": ["uncommitted changes"]}
+    (lib / "overlap.py").write_text("x = 2\n")
+    git("checkout", "-q", "-b", "side", measured)                   # measured on a branch HEAD does not hold
+    (lib / "csg.py").write_text("y = 2\n")
+    git("commit", "-q", "-am", "side")
+    side = git("rev-parse", "--short", "HEAD")
+    git("checkout", "-q", "-")
+    record["modules"]["csg"]["commit"] = side
+    assert mutate.stale(record, tmp_path) == {"csg": [f"{side} (not in HEAD's history)"]}
+    (lib / "csg.py").write_text("y = 2\n")                         # the same source as measured: current
+    assert mutate.stale(record, tmp_path) == {}

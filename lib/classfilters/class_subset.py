@@ -201,9 +201,10 @@ def export_subset_model(model: FeatureModel, folder: str | Path, split: ImageSpl
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # contiguous weights: a trained model's are channels_last, which torch.export.save stores as partial views
-    # of their storage ("No complete tensor found in the group")
-    model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
+    model = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad():  # each tensor its own contiguous storage: torch.export.save warns of any that is not
+        for t in [*model.parameters(), *model.buffers()]:  # (a trained model's convolutions are channels_last)
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
     wrapped = Standardized(model, split.mean, split.std).eval()
     example = split.images[:2].float() / 255
     batch = torch.export.Dim("batch", min=1)
