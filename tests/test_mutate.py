@@ -1,6 +1,7 @@
 """benchmarks/mutate.py (`make mutate`): the staged project and the score, without running mutmut."""
 import ast
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -62,7 +63,6 @@ def test_the_reviewed_equivalents_are_well_formed_and_the_record_agrees_with_the
     """Every entry of mutation_equivalent.json names a mutant of its module, its exact change (lines removed and
     added) and a reason; a module's recorded `equivalent` survivors are listed there with a change, and its
     `unexplained` ones are the other survivors not killed since."""
-    import json
     listed = json.loads((BENCH / "mutation_equivalent.json").read_text())
     record = json.loads((BENCH / "results" / "mutation.json").read_text())["modules"]
     for module, entries in listed.items():
@@ -88,7 +88,6 @@ def test_the_reviewed_equivalents_are_well_formed_and_the_record_agrees_with_the
 
 def test_the_committed_table_is_made_from_the_record():
     """results/mutation.md is `table(mutation.json)`: no number in it is typed by hand or left stale."""
-    import json
     mutate = load()
     record = json.loads((BENCH / "results" / "mutation.json").read_text())
     assert (BENCH / "results" / "mutation.md").read_text().endswith(mutate.table(record))
@@ -117,7 +116,6 @@ def test_every_function_of_the_mutated_modules_is_mutated_but_the_few_named():
 def test_a_recheck_writes_only_its_own_modules(tmp_path, monkeypatch):
     """Two rechecks running side by side: the one that ends last must not write back the other's module as it read
     it when it started."""
-    import json
     mutate = load()
     monkeypatch.setattr(mutate, "RESULTS", tmp_path)
     monkeypatch.setattr(mutate, "table", lambda record: "table\n")
